@@ -1,0 +1,450 @@
+"""Instrumentation of DeepSpeed's host memory, without forking DeepSpeed.
+
+Each hook is a narrow rebinding of one DeepSpeed 0.19.x attribute, named after
+what it observes (DEEPSPEED_HOST_MEMORY.md, "hook points"):
+- locked allocations: `aio_handle.new_cpu_locked_tensor` / `free_cpu_locked_tensor`;
+- accelerator pinning: `type(get_accelerator()).pin_memory`;
+- parameter pool occupancy: `AsyncPartitionedParameterSwapper` buffer methods;
+- optimizer pool occupancy: `SwapBufferManager.__init__/allocate/free`;
+- bytes swapped: `swap_in_tensors` / `swap_out_tensors` in every swap_tensor module;
+- activations: autograd saved-tensor hooks, gathered parameters, reduce buckets.
+
+The owner (component) of an allocation is the DeepSpeed function on the call
+stack. State is read by the sampler thread, so every change holds `lock`.
+"""
+import os
+import sys
+import threading
+import weakref
+
+from .. import components as C
+from ..telemetry import PINNED_BACKENDS, page_round
+
+SUPPORTED_DEEPSPEED = ((0, 19), (0, 20))  # [low, high): keep in step with pyproject.toml
+
+# DeepSpeed function (co_qualname) on the stack -> component of what it allocates
+OWNERS = {
+    "AsyncPartitionedParameterSwapper._configure_aio": C.PARAM_POOL,
+    "AsyncPartitionedParameterSwapper.reserve_partitioned_swap_space": C.PARAM_PARTITION_BUFFER,
+    "SwapBufferManager.__init__": C.OPTIMIZER_POOL,
+    "DeepSpeedZeroOptimizer_Stage3._setup_for_real_optimizer": C.GRAD_FLAT,
+    "DeepSpeedZeroOptimizer_Stage3._create_param_groups_fp16_flat_cpu_memory": C.PARAM_CPU_FLAT,
+    "DeepSpeedZeroOptimizer_Stage3.initialize_optimizer_states": C.OPTIMIZER_TRANSIENTS,
+    "Init._partition_param": C.SMALL_PARTITIONS,
+}
+# Components whose `used` bytes are the pool's occupancy, not the request.
+POOLS = {C.PARAM_POOL: "param", C.OPTIMIZER_POOL: "optimizer"}
+SWAP_MODULES = ("utils", "partitioned_param_swapper", "optimizer_utils", "partitioned_optimizer_swapper",
+                "pipelined_optimizer_swapper", "async_swapper")
+
+
+class UnsupportedDeepSpeed(RuntimeError):
+    pass
+
+
+def check_version(version):
+    parts = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+    low, high = SUPPORTED_DEEPSPEED
+    if not (low <= parts < high):
+        raise UnsupportedDeepSpeed(
+            f"memlab's probes hook DeepSpeed {low[0]}.{low[1]}.x internals; found deepspeed {version}. "
+            f"Install a supported version: pip install 'deepspeed>={low[0]}.{low[1]},<{high[0]}.{high[1]}'")
+
+
+def _require(obj, name):
+    if not hasattr(obj, name):
+        raise UnsupportedDeepSpeed(f"memlab probe: {getattr(obj, '__name__', obj)}.{name} is missing in this "
+                                   f"DeepSpeed; its internals changed")
+    return getattr(obj, name)
+
+
+def owner_on_stack(depth=2):
+    frame = sys._getframe(depth)
+    while frame is not None:
+        component = OWNERS.get(frame.f_code.co_qualname)
+        if component:
+            return component
+        frame = frame.f_back
+    return C.OTHER
+
+
+class Probes:
+    """Live host-memory state of one worker, updated by DeepSpeed hooks."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.lock = threading.RLock()
+        self.live = {}  # key -> alloc event fields
+        self.component_bytes = dict.fromkeys(C.ALL, 0)
+        self.pinned_reserved = 0
+        self.exact_used = 0  # pinned bytes in exactly-sized buffers
+        self.pools = {}  # name -> {"capacity": per-buffer bytes list, "used": per-buffer bytes list}
+        self.pool_dirty = False
+        self.pinned_used_peak = 0  # since the last step event
+        self.swap_in_bytes = self.swap_out_bytes = 0
+        self.swap_in_ops = self.swap_out_ops = 0
+        self.swap_paths = set()
+        self.param_swappers = weakref.WeakSet()
+        self.optimizer_managers = weakref.WeakSet()
+        self.saved = {}  # storage ptr -> [nbytes, refcount] of autograd saved tensors
+        self.saved_bytes = 0
+        self.extra_activations = []  # callables returning bytes (gathered params, buckets)
+        self.framework_bytes = None
+        self._next_key = 0
+
+    # -- allocations -----------------------------------------------------------
+    def record_alloc(self, component, requested, reserved, backend, key=None):
+        with self.lock:
+            if key is None:
+                key = f"a{self._next_key}"
+                self._next_key += 1
+            if key in self.live:
+                return key  # the same buffer seen twice (pinning hook, then inspection)
+            fields = {"id": key, "component": component, "requested": int(requested), "reserved": int(reserved),
+                      "backend": backend}
+            self.live[key] = fields
+            self.component_bytes[component] += fields["reserved"]
+            if backend in PINNED_BACKENDS:
+                self.pinned_reserved += fields["reserved"]
+                if component not in POOLS:
+                    self.exact_used += fields["requested"]
+            self._note_used()
+        self.writer.emit("alloc", **fields)
+        return key
+
+    def record_free(self, key):
+        with self.lock:
+            fields = self.live.pop(key, None)
+            if fields is None:
+                return
+            self.component_bytes[fields["component"]] -= fields["reserved"]
+            if fields["backend"] in PINNED_BACKENDS:
+                self.pinned_reserved -= fields["reserved"]
+                if fields["component"] not in POOLS:
+                    self.exact_used -= fields["requested"]
+        self.writer.emit("free", **fields)
+
+    # -- pools -----------------------------------------------------------------
+    def pinned_used(self):
+        return self.exact_used + sum(sum(p["used"]) for p in self.pools.values())
+
+    def _note_used(self):
+        self.pinned_used_peak = max(self.pinned_used_peak, self.pinned_used())
+
+    def set_pool(self, name, capacities, used):
+        with self.lock:
+            self.pools[name] = {"capacity": list(capacities), "used": list(used)}
+            self.pool_dirty = True
+            self._note_used()
+
+    def refresh_param_pool(self):
+        used = []
+        for swapper in self.param_swappers:
+            per_buffer = int(swapper.aligned_elements_per_buffer) * swapper.swap_element_size
+            occupancy = [0] * swapper.param_buffer_count
+            for param_id, buffer_id in swapper.param_id_to_buffer_id.items():
+                occupancy[buffer_id] = swapper.param_id_to_numel[param_id] * swapper.swap_element_size
+            for buffer_id in swapper.reserved_buffer_ids:  # held whole for the fp32 -> param write-out
+                occupancy[buffer_id] = per_buffer
+            used.append(([per_buffer] * swapper.param_buffer_count, occupancy))
+        if used:
+            self.set_pool("param", [c for caps, _ in used for c in caps], [u for _, occ in used for u in occ])
+
+    def refresh_optimizer_pool(self):
+        caps, occupancy = [], []
+        for manager in self.optimizer_managers:
+            element = manager.all_buffers[0].element_size() if manager.all_buffers else 0
+            held = dict.fromkeys(range(manager.count), 0)
+            for index, numel in getattr(manager, "_memlab_used", {}).items():
+                held[index] = numel * element
+            caps += [manager.num_elems * element] * manager.count
+            occupancy += [held[i] for i in range(manager.count)]
+        if caps:
+            self.set_pool("optimizer", caps, occupancy)
+
+    def pool_events(self):
+        """Pool snapshots changed since the last call (sampler thread)."""
+        with self.lock:
+            if not self.pool_dirty:
+                return []
+            self.pool_dirty = False
+            return [{"name": name, "capacity": sum(p["capacity"]),
+                     "buffers": [[c, u] for c, u in zip(p["capacity"], p["used"])]} for name, p in self.pools.items()]
+
+    # -- step accounting ---------------------------------------------------------
+    def take_step_counters(self):
+        """Bytes swapped and the pinned peak since the last step; resets them."""
+        with self.lock:
+            out = {"swap_in_bytes": self.swap_in_bytes, "swap_out_bytes": self.swap_out_bytes,
+                   "swap_in_ops": self.swap_in_ops, "swap_out_ops": self.swap_out_ops,
+                   "pinned_used_peak": self.pinned_used_peak, "pinned_reserved": self.pinned_reserved}
+            self.swap_in_bytes = self.swap_out_bytes = self.swap_in_ops = self.swap_out_ops = 0
+            self.pinned_used_peak = self.pinned_used()
+        return out
+
+    # -- attribution (sampler thread) -----------------------------------------------
+    def activations_bytes(self):
+        total = self.saved_bytes
+        for measure in self.extra_activations:
+            try:
+                total += measure()
+            except Exception:
+                pass  # a structure changing under us: count it next tick
+        return total
+
+    def attribute(self, rss, page_cache, heap_free):
+        """Per-component bytes for one sample; `other` is RSS minus the rest."""
+        with self.lock:
+            parts = dict(self.component_bytes)
+            pinned_reserved, pinned_used = self.pinned_reserved, self.pinned_used()
+        parts[C.FRAMEWORK] = rss if self.framework_bytes is None else self.framework_bytes
+        parts[C.ACTIVATIONS] = self.activations_bytes()
+        parts[C.HEAP_FREE] = heap_free
+        parts[C.PAGE_CACHE] = page_cache
+        inside = sum(v for k, v in parts.items() if k not in C.OUTSIDE_RSS and k != C.OTHER)
+        parts[C.OTHER] = max(0, rss - inside)
+        return {"components": parts, "pinned_reserved": pinned_reserved, "pinned_used": pinned_used}
+
+
+# ====================================================================== hooks
+
+def install(probes):
+    """Hook DeepSpeed; call before zero.Init / deepspeed.initialize."""
+    import deepspeed
+
+    check_version(deepspeed.__version__)
+    _hook_locked_allocations(probes)
+    _hook_accelerator_pinning(probes)
+    _hook_param_pool(probes)
+    _hook_optimizer_pool(probes)
+    _hook_swap_io(probes)
+    _hook_saved_tensors(probes)
+
+
+def _hook_locked_allocations(probes):
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    handle_cls = AsyncIOBuilder().load(verbose=False).aio_handle
+    original_new = _require(handle_cls, "new_cpu_locked_tensor")
+    original_free = _require(handle_cls, "free_cpu_locked_tensor")
+
+    def new_cpu_locked_tensor(self, numel, example):
+        tensor = original_new(self, numel, example)
+        requested = int(numel) * example.element_size()
+        # posix_memalign(page) + mlock: exactly the pages asked for
+        probes.record_alloc(owner_on_stack(), requested, page_round(requested), "aio-mlock",
+                            key=f"p{tensor.data_ptr()}")
+        return tensor
+
+    def free_cpu_locked_tensor(self, tensor):
+        probes.record_free(f"p{tensor.data_ptr()}")
+        return original_free(self, tensor)
+
+    handle_cls.new_cpu_locked_tensor = new_cpu_locked_tensor
+    handle_cls.free_cpu_locked_tensor = free_cpu_locked_tensor
+
+
+def _hook_accelerator_pinning(probes):
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator_cls = type(get_accelerator())
+    original_pin = _require(accelerator_cls, "pin_memory")
+
+    def pin_memory(self, tensor, *args, **kwargs):
+        out = original_pin(self, tensor, *args, **kwargs)
+        probes.record_alloc(owner_on_stack(), out.nbytes, *pinned_reservation(out), key=f"p{out.data_ptr()}")
+        return out
+
+    accelerator_cls.pin_memory = pin_memory
+
+
+def pinned_reservation(tensor):
+    """(reserved bytes, backend) of a tensor an accelerator returned from pin_memory."""
+    requested = tensor.nbytes
+    if getattr(tensor, "ds_pinned", False):
+        return page_round(requested), "native-mlock"
+    if tensor.device.type == "cpu" and tensor.is_pinned():
+        # CUDA only: PyTorch's CachingHostAllocator rounds a block up to a power of two
+        return 1 << max(requested - 1, 0).bit_length(), "torch-pinned"
+    return requested, "pageable"
+
+
+def _hook_param_pool(probes):
+    from deepspeed.runtime.swap_tensor import partitioned_param_swapper as pps
+
+    swapper_cls = pps.AsyncPartitionedParameterSwapper
+    original_init = _require(swapper_cls, "__init__")
+
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        probes.param_swappers.add(self)
+        probes.refresh_param_pool()
+
+    swapper_cls.__init__ = __init__
+    for name in ("get_buffer", "_allocate_and_return_buffers_for_swap_in", "remove_partition_and_release_buffers",
+                 "reserve_available_buffers", "release_reserved_buffers"):
+        _after(swapper_cls, name, lambda self: probes.refresh_param_pool())
+
+
+def _hook_optimizer_pool(probes):
+    from deepspeed.runtime.swap_tensor import utils
+
+    manager_cls = utils.SwapBufferManager
+    original_init = _require(manager_cls, "__init__")
+    original_allocate = _require(manager_cls, "allocate")
+    original_free = _require(manager_cls, "free")
+
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self._memlab_used = {}  # buffer index -> elements handed out
+        probes.optimizer_managers.add(self)
+        probes.refresh_optimizer_pool()
+
+    def allocate(self, num_elems, count, dtype):
+        buffers = original_allocate(self, num_elems, count, dtype)
+        if buffers is not None:
+            for buffer in buffers:
+                self._memlab_used[self.used_buffer_index[id(buffer)]] = num_elems
+            probes.refresh_optimizer_pool()
+        return buffers
+
+    def free(self, buffers):
+        indices = [self.used_buffer_index[id(b)] for b in buffers if id(b) in self.used_buffer_index]
+        result = original_free(self, buffers)
+        for index in indices:
+            self._memlab_used.pop(index, None)
+        probes.refresh_optimizer_pool()
+        return result
+
+    manager_cls.__init__, manager_cls.allocate, manager_cls.free = __init__, allocate, free
+
+
+def _hook_swap_io(probes):
+    import importlib
+
+    modules = [importlib.import_module(f"deepspeed.runtime.swap_tensor.{m}") for m in SWAP_MODULES]
+    original_in = _require(modules[0], "swap_in_tensors")
+    original_out = _require(modules[0], "swap_out_tensors")
+
+    def swap_in_tensors(handle, buffers, paths):
+        with probes.lock:
+            for buffer, path in zip(buffers, paths):
+                probes.swap_in_bytes += buffer.nbytes
+                probes.swap_in_ops += 1
+                probes.swap_paths.add(path)
+        return original_in(handle, buffers, paths)
+
+    def swap_out_tensors(handle, buffers, paths):
+        with probes.lock:
+            for buffer, path in zip(buffers, paths):
+                probes.swap_out_bytes += buffer.nbytes
+                probes.swap_out_ops += 1
+                probes.swap_paths.add(path)
+        return original_out(handle, buffers, paths)
+
+    for module in modules:  # each module imported the functions by name
+        if hasattr(module, "swap_in_tensors"):
+            module.swap_in_tensors = swap_in_tensors
+        if hasattr(module, "swap_out_tensors"):
+            module.swap_out_tensors = swap_out_tensors
+
+
+def _hook_saved_tensors(probes):
+    """Count tensors autograd keeps for backward (activations), once per storage."""
+    import torch
+
+    def pack(tensor):
+        if isinstance(tensor, torch.nn.Parameter) or tensor.device.type != "cpu":
+            return tensor  # parameters are counted as gathered params; device memory is not host RAM
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        with probes.lock:
+            entry = probes.saved.get(key)
+            if entry is None:
+                probes.saved[key] = [storage.nbytes(), 1]
+                probes.saved_bytes += storage.nbytes()
+            else:
+                entry[1] += 1
+        weakref.finalize(tensor, _release_saved, probes, key)
+        return tensor
+
+    probes.saved_hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+    probes.saved_hooks.__enter__()
+
+
+def _release_saved(probes, key):
+    with probes.lock:
+        entry = probes.saved.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            probes.saved_bytes -= entry[0]
+            del probes.saved[key]
+
+
+def _after(cls, name, callback):
+    original = _require(cls, name)
+
+    def wrapper(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        callback(self)
+        return result
+
+    wrapper.__name__ = name
+    wrapper.__qualname__ = original.__qualname__
+    setattr(cls, name, wrapper)
+
+
+# ====================================================================== after init
+
+def attribute_engine_buffers(probes, engine):
+    """Record the engine's host buffers that did not pass through a pinning hook
+    (pin_memory off, or the CPU accelerator's no-op pinning), and register the
+    measures of device-side tensors that live in host RAM."""
+    optimizer = engine.optimizer
+    grad_flat = getattr(optimizer, "grad_partitions_flat_buffer", None)
+    if grad_flat is not None and grad_flat.device.type == "cpu":
+        probes.record_alloc(C.GRAD_FLAT, grad_flat.nbytes, grad_flat.nbytes, "pageable",
+                            key=f"p{grad_flat.data_ptr()}")
+    for flat in getattr(optimizer, "param_groups_fp16_flat_cpu_memory", []):
+        if flat.numel() > 1:
+            probes.record_alloc(C.PARAM_CPU_FLAT, flat.nbytes, flat.nbytes, "pageable", key=f"p{flat.data_ptr()}")
+    _attribute_cpu_optimizer_state(probes, optimizer)
+
+    params = [p for p in engine.module.parameters() if hasattr(p, "ds_status")]
+
+    def gathered_params():
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        return sum(p.ds_numel * p.element_size() for p in params
+                   if p.ds_status == ZeroParamStatus.AVAILABLE and not getattr(p, "ds_persist", False))
+
+    def reduce_buckets():
+        buckets = getattr(optimizer, "ipg_buckets", {}) or {}
+        return sum(b.buffer.nbytes for b in buckets.values() if getattr(b, "buffer", None) is not None
+                   and b.buffer.device.type == "cpu")
+
+    probes.extra_activations += [gathered_params, reduce_buckets]
+
+
+def _attribute_cpu_optimizer_state(probes, optimizer):
+    """With the optimizer on the CPU, the fp32 master partitions live in RAM."""
+    if getattr(optimizer, "optimizer_swapper", None) is not None:
+        return
+    for flat in getattr(optimizer, "fp32_partitioned_groups_flat", []):
+        if flat.numel() and flat.device.type == "cpu":
+            probes.record_alloc(C.OPTIMIZER_STATE, flat.nbytes, flat.nbytes, "pageable",
+                                key=f"p{flat.untyped_storage().data_ptr()}")
+
+
+def attribute_optimizer_state(probes, optimizer):
+    """Adam's exp_avg / exp_avg_sq, created lazily at the first step when the
+    optimizer state stays in host RAM (optimizer offloaded to the CPU)."""
+    if getattr(optimizer, "optimizer_swapper", None) is not None:
+        return
+    for state in optimizer.optimizer.state.values():
+        for value in state.values():
+            if hasattr(value, "untyped_storage") and value.device.type == "cpu" and value.numel() > 1:
+                probes.record_alloc(C.OPTIMIZER_STATE, value.nbytes, value.nbytes, "pageable",
+                                    key=f"p{value.untyped_storage().data_ptr()}")

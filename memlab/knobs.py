@@ -1,0 +1,503 @@
+"""Knobs: every setting of a run, validated before any process starts.
+
+DeepSpeed's own knobs keep DeepSpeed's JSON names and nesting
+(`zero_optimization.offload_param.buffer_count`, `aio.block_size`, ...), so a
+user can paste a `ds_config.json` and get one back. memlab's own settings live
+beside them: `run.*` (run shape), `allocator.*` (glibc and pinning
+environment) and `memascend.*` (the engine's optimizations).
+
+Knobs are immutable; `set()` returns a new Knobs. `resolve(model)` replaces
+"auto" values with numbers derived from the model and checks everything that
+needs the model (the traps DeepSpeed accepts and then crashes on).
+"""
+import difflib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Tuple
+
+
+class KnobError(ValueError):
+    """A knob value memlab refuses, with a one-line message: knob, value, reason."""
+
+    def __init__(self, knob, value, reason):
+        self.knob, self.value, self.reason = knob, value, reason
+        super().__init__(f"{knob}={value!r}: {reason}")
+
+
+AUTO = "auto"
+DEVICES = ("nvme", "cpu")
+DTYPES = ("fp32", "bf16", "fp16")
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str  # dotted: section.sub.key
+    default: Any
+    kind: str  # int | float | bool | choice | path | str
+    doc: str
+    choices: Tuple = ()
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    auto: bool = False  # accepts "auto", resolved from the model
+    optional: bool = False  # accepts None
+    ds_default: Any = None  # DeepSpeed's own default where memlab's differs
+
+
+def _k(name, default, kind, doc, **kw):
+    return Knob(name, default, kind, doc, **kw)
+
+
+# Defaults: DeepSpeed 0.19.8's, except where DeepSpeed's default hides the
+# behaviour memlab exists to measure or crashes (DEEPSPEED_HOST_MEMORY.md,
+# "traps"); those carry `ds_default`.
+SPECS = [
+    # --- zero_optimization.offload_param
+    _k("zero_optimization.offload_param.device", "nvme", "choice", "where parameters are offloaded", choices=DEVICES),
+    _k("zero_optimization.offload_param.buffer_count", 5, "int", "parameter swap buffers", minimum=1),
+    _k("zero_optimization.offload_param.buffer_size", AUTO, "int",
+       "elements per parameter swap buffer; auto = the largest parameter partition", minimum=1, auto=True,
+       ds_default=int(1e8)),
+    _k("zero_optimization.offload_param.max_in_cpu", 0, "int",
+       "parameter elements kept in a CPU flat buffer instead of swapped (DeepSpeed's 1e9 means no swapping at all "
+       "for models under 1e9 elements)", minimum=0, ds_default=int(1e9)),
+    _k("zero_optimization.offload_param.pin_memory", True, "bool", "pin/lock the parameter buffers"),
+    # --- zero_optimization.offload_optimizer
+    _k("zero_optimization.offload_optimizer.device", "nvme", "choice", "where optimizer state is offloaded",
+       choices=DEVICES),
+    _k("zero_optimization.offload_optimizer.buffer_count", 4, "int", "optimizer swap buffers", minimum=1),
+    _k("zero_optimization.offload_optimizer.pin_memory", True, "bool", "pin/lock optimizer buffers and gradients"),
+    _k("zero_optimization.offload_optimizer.pipeline_read", False, "bool", "overlap optimizer state reads"),
+    _k("zero_optimization.offload_optimizer.pipeline_write", False, "bool", "overlap optimizer state writes"),
+    _k("zero_optimization.offload_optimizer.fast_init", False, "bool", "skip per-sub-group init buffers"),
+    _k("zero_optimization.offload_optimizer.ratio", 1.0, "float", "fraction of optimizer state offloaded",
+       minimum=0.0, maximum=1.0),
+    # --- zero_optimization
+    _k("zero_optimization.sub_group_size", AUTO, "int",
+       "parameter elements per optimizer sub-group; auto = the largest parameter partition", minimum=1, auto=True,
+       ds_default=int(1e9)),
+    _k("zero_optimization.stage3_max_live_parameters", 0, "int",
+       "gathered parameter elements kept live (0 releases each after use)", minimum=0, ds_default=int(1e9)),
+    _k("zero_optimization.stage3_max_reuse_distance", 0, "int",
+       "keep a gathered parameter if reused within this many elements", minimum=0, ds_default=int(1e9)),
+    _k("zero_optimization.stage3_prefetch_bucket_size", int(5e7), "int", "parameter elements prefetched",
+       minimum=0),
+    _k("zero_optimization.stage3_param_persistence_threshold", int(1e5), "int",
+       "parameters below this many elements stay unpartitioned", minimum=0),
+    _k("zero_optimization.reduce_bucket_size", AUTO, "int",
+       "gradient reduce bucket elements; auto = the largest parameter partition (host RAM on the CPU accelerator)",
+       minimum=1, auto=True, ds_default=int(5e8)),
+    _k("zero_optimization.contiguous_gradients", True, "bool", "copy gradients into a contiguous buffer"),
+    # --- aio
+    _k("aio.block_size", 1048576, "int", "bytes per I/O request; tensors below it are not swapped", minimum=4096),
+    _k("aio.queue_depth", 8, "int", "I/O requests in flight", minimum=1),
+    _k("aio.intra_op_parallelism", 1, "int", "I/O threads per handle", minimum=1, maximum=64),
+    _k("aio.single_submit", False, "bool", "submit requests one at a time"),
+    _k("aio.overlap_events", True, "bool", "overlap submission and completion"),
+    _k("aio.use_gds", False, "bool", "GPUDirect Storage (CUDA only)"),
+    # --- data_types
+    _k("data_types.grad_accum_dtype", None, "choice", "gradient accumulation dtype (None = model dtype)",
+       choices=DTYPES, optional=True),
+    # --- run shape (memlab)
+    _k("run.micro_batch", 1, "int", "sequences per step", minimum=1),
+    _k("run.seq_len", 128, "int", "tokens per sequence", minimum=2),
+    _k("run.dtype", "fp32", "choice", "training dtype", choices=DTYPES),
+    _k("run.steps", 3, "int", "optimizer steps", minimum=1),
+    _k("run.gradient_checkpointing", False, "bool", "recompute activations in backward"),
+    _k("run.seed", 0, "int", "seed for weights and synthetic data", minimum=0),
+    _k("run.lr", 1e-4, "float", "Adam learning rate", minimum=0.0),
+    _k("run.swap_dir", None, "path", "folder under which each run gets its own swap folder "
+       "(default $MEMLAB_SWAP_DIR or <tmp>/memlab-swap)", optional=True),
+    _k("run.sample_hz", 13.0, "float", "sampler frequency", minimum=1.0, maximum=50.0),
+    # --- allocator environment (memlab)
+    _k("allocator.DS_PIN_MEMORY_BACKEND", "torch", "choice", "DeepSpeed's pinning backend",
+       choices=("torch", "native")),
+    _k("allocator.MALLOC_ARENA_MAX", None, "int", "glibc malloc arenas", minimum=1, optional=True),
+    _k("allocator.MALLOC_TRIM_THRESHOLD_", None, "int", "glibc trim threshold (bytes)", minimum=0, optional=True),
+    _k("allocator.malloc_trim", "never", "choice", "call malloc_trim(0) explicitly", choices=("never", "each_step")),
+]
+SPEC_BY_NAME = {s.name: s for s in SPECS}
+
+# memascend.* switches register here (one module per optimization, issue #3):
+# name -> (DeepSpeed's behaviour, the optimized value). Empty until then.
+MEMASCEND_SWITCHES = {}
+ENGINES = ("deepspeed", "memascend", "custom")
+
+
+def _closest(name, candidates):
+    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _coerce(spec, value):
+    """Check and normalize one value; raises KnobError naming the knob."""
+    if value is None:
+        if spec.optional:
+            return None
+        raise KnobError(spec.name, value, "must be set (None is not allowed)")
+    if spec.auto and value == AUTO:
+        return AUTO
+    if spec.kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise KnobError(spec.name, value, "must be true or false")
+    if spec.kind == "int":
+        if isinstance(value, bool):
+            raise KnobError(spec.name, value, "must be a whole number, not a boolean")
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+            except ValueError:
+                raise KnobError(spec.name, value, "must be a whole number" + (" or 'auto'" if spec.auto else ""))
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise KnobError(spec.name, value, "must be a whole number")
+            value = int(value)
+        if not isinstance(value, int):
+            raise KnobError(spec.name, value, "must be a whole number" + (" or 'auto'" if spec.auto else ""))
+    elif spec.kind == "float":
+        if isinstance(value, bool):
+            raise KnobError(spec.name, value, "must be a number, not a boolean")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise KnobError(spec.name, value, "must be a number")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise KnobError(spec.name, value, "must be a finite number")
+    elif spec.kind == "choice":
+        if value not in spec.choices:
+            raise KnobError(spec.name, value, f"must be one of {', '.join(map(str, spec.choices))}")
+    elif spec.kind in ("path", "str"):
+        if not isinstance(value, (str, os.PathLike)):
+            raise KnobError(spec.name, value, "must be a path")
+        value = os.fspath(value)
+        if not value:
+            raise KnobError(spec.name, value, "must not be empty")
+    if spec.minimum is not None and value < spec.minimum:
+        raise KnobError(spec.name, value, f"must be at least {spec.minimum:g}")
+    if spec.maximum is not None and value > spec.maximum:
+        raise KnobError(spec.name, value, f"must be at most {spec.maximum:g}")
+    return value
+
+
+def _flatten(nested, prefix=""):
+    flat = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _nest(flat):
+    nested = {}
+    for name, value in flat.items():
+        node = nested
+        *path, leaf = name.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+class Knobs:
+    """Every knob of a run. `Knobs({"aio.block_size": 2**21}, engine="memascend")`."""
+
+    def __init__(self, values=None, engine="deepspeed", passthrough=None, **short):
+        if engine not in ENGINES:
+            raise KnobError("engine", engine, f"must be one of {', '.join(ENGINES)}")
+        flat = {s.name: s.default for s in SPECS}
+        for name, (stock, optimized) in MEMASCEND_SWITCHES.items():
+            flat[name] = optimized if engine == "memascend" else stock
+        if engine == "memascend" and not MEMASCEND_SWITCHES:
+            raise KnobError("engine", engine, "no MemAscend optimization is available in this version")
+        given = dict(values or {})
+        for key, value in short.items():  # run shape as keywords: Knobs(steps=5)
+            given[f"run.{key}"] = value
+        given = _flatten(given) if any(isinstance(v, dict) for v in given.values()) else given
+        for name, value in given.items():
+            flat[name] = self._check(name, value)
+        self._values = flat
+        # ds_config keys memlab does not model, handed to DeepSpeed unchanged
+        self.passthrough = dict(passthrough or {})
+
+    @staticmethod
+    def _check(name, value):
+        spec = SPEC_BY_NAME.get(name)
+        if spec is None:
+            if name in MEMASCEND_SWITCHES:
+                stock, optimized = MEMASCEND_SWITCHES[name]
+                if value not in (stock, optimized):
+                    raise KnobError(name, value, f"must be {stock!r} (DeepSpeed's behaviour) or {optimized!r}")
+                return value
+            known = list(SPEC_BY_NAME) + list(MEMASCEND_SWITCHES)
+            raise KnobError(name, value, "unknown knob" + _closest(name, known))
+        return _coerce(spec, value)
+
+    # -- access --------------------------------------------------------------
+    def __getitem__(self, name):
+        if name not in self._values:
+            raise KnobError(name, None, "unknown knob" + _closest(name, list(self._values)))
+        return self._values[name]
+
+    def get(self, name, default=None):
+        return self._values.get(name, default)
+
+    def set(self, values=None, **short):
+        """A copy with some knobs changed (dotted names, or run-shape keywords)."""
+        merged = dict(self._values)
+        merged.update(_flatten(values) if values and any(isinstance(v, dict) for v in values.values()) else
+                      (values or {}))
+        merged.update({f"run.{k}": v for k, v in short.items()})
+        return Knobs(merged, passthrough=self.passthrough)
+
+    @property
+    def engine(self):
+        """deepspeed (every switch at DeepSpeed's behaviour), memascend (all on) or custom."""
+        if not MEMASCEND_SWITCHES:
+            return "deepspeed"
+        on = [self._values[n] == opt for n, (_, opt) in MEMASCEND_SWITCHES.items()]
+        return "memascend" if all(on) else "deepspeed" if not any(on) else "custom"
+
+    def to_dict(self):
+        """Nested dict of every knob (JSON-safe), plus `engine` and `passthrough`."""
+        out = {"engine": self.engine, **_nest(self._values)}
+        if self.passthrough:
+            out["passthrough"] = self.passthrough
+        return out
+
+    def flat(self):
+        return dict(self._values)
+
+    @classmethod
+    def from_dict(cls, data):
+        data = dict(data)
+        data.pop("engine", None)
+        passthrough = data.pop("passthrough", None)
+        return cls(_flatten(data), passthrough=passthrough)
+
+    def diff(self, other):
+        """{knob: (self value, other value)} for knobs that differ."""
+        return {n: (v, other._values.get(n)) for n, v in self._values.items() if other._values.get(n) != v}
+
+    def __eq__(self, other):
+        return isinstance(other, Knobs) and self._values == other._values and self.passthrough == other.passthrough
+
+    def __repr__(self):
+        changed = {n: v for n, v in self._values.items() if SPEC_BY_NAME.get(n) and SPEC_BY_NAME[n].default != v}
+        return f"Knobs(engine={self.engine!r}, {changed})"
+
+    # -- ds_config in and out --------------------------------------------------
+    @classmethod
+    def from_ds_config(cls, config, engine="deepspeed"):
+        """Knobs from a DeepSpeed config (dict or path to ds_config.json).
+
+        Sections memlab models are read knob by knob (an unknown key in them
+        is an error with a suggestion); other top-level keys are kept and
+        passed through to DeepSpeed unchanged."""
+        source = "ds_config"
+        if not isinstance(config, dict):
+            source = os.fspath(config)
+            try:
+                with open(source) as f:
+                    config = json.load(f)
+            except FileNotFoundError:
+                raise KnobError("ds_config", source, "no such file")
+            except (OSError, json.JSONDecodeError) as exc:
+                raise KnobError("ds_config", source, f"not readable JSON ({exc})")
+            if not isinstance(config, dict):
+                raise KnobError("ds_config", source, "must hold a JSON object")
+        values, passthrough = {}, {}
+        for key, value in config.items():
+            if key == "zero_optimization":
+                if not isinstance(value, dict):
+                    raise KnobError(f"{source}:zero_optimization", value, "must be an object")
+                stage = value.get("stage", 3)
+                if stage != 3:
+                    raise KnobError(f"{source}:zero_optimization.stage", stage, "memlab runs ZeRO stage 3 only")
+                for name, v in _flatten(value, "zero_optimization.").items():
+                    if name in ("zero_optimization.stage", "zero_optimization.offload_param.nvme_path",
+                                "zero_optimization.offload_optimizer.nvme_path"):
+                        continue  # memlab creates each run's own swap folder
+                    values[name] = v
+            elif key in ("aio", "data_types"):
+                values.update(_flatten(value, key + "."))
+            elif key == "train_micro_batch_size_per_gpu":
+                values["run.micro_batch"] = value
+            elif key in ("bf16", "fp16"):
+                if isinstance(value, dict) and value.get("enabled"):
+                    values["run.dtype"] = key
+            elif key == "optimizer" and isinstance(value, dict):
+                lr = value.get("params", {}).get("lr")
+                if lr is not None:
+                    values["run.lr"] = lr
+            elif key in ("train_batch_size", "gradient_accumulation_steps"):
+                continue  # derived from run.micro_batch on one rank
+            else:
+                passthrough[key] = value
+        return cls(values, engine=engine, passthrough=passthrough)
+
+    def resolve(self, model):
+        """Validate against a model and replace "auto"; returns ResolvedKnobs."""
+        return ResolvedKnobs(self, model)
+
+
+# ------------------------------------------------------------------ resolved
+
+def partition_numels(model):
+    """Elements per parameter partition on one rank (ZeRO-3 partitions every
+    parameter; persistent ones stay whole, which is the same count)."""
+    return [t.numel for t in model.tensors()]
+
+
+class ResolvedKnobs:
+    """Knobs with every "auto" replaced for one model, checked for the
+    combinations DeepSpeed 0.19.8 accepts and then crashes on."""
+
+    def __init__(self, knobs, model):
+        self.knobs = knobs
+        self.model = model
+        values = knobs.flat()
+        largest = max(partition_numels(model))
+        for name in ("zero_optimization.offload_param.buffer_size", "zero_optimization.sub_group_size",
+                     "zero_optimization.reduce_bucket_size"):
+            if values[name] == AUTO:
+                values[name] = largest
+        self.values = values
+        self.largest_partition = largest
+        self.num_params = model.num_params
+        for check in CHECKS:
+            check(self)
+
+    def __getitem__(self, name):
+        return self.values[name]
+
+    @property
+    def engine(self):
+        return self.knobs.engine
+
+    @property
+    def real_param_swapping(self):
+        """Parameters actually go through NVMe while training (max_in_cpu trap)."""
+        return (self["zero_optimization.offload_param.device"] == "nvme"
+                and self["zero_optimization.offload_param.max_in_cpu"] < self.num_params)
+
+    def to_dict(self):
+        return {"engine": self.engine, **_nest(self.values)}
+
+    def to_ds_config(self, swap_path=None):
+        """The DeepSpeed config dict this run uses. `swap_path` is the run's own
+        swap folder (required when anything is offloaded to NVMe)."""
+        v = self.values
+        zero = {"stage": 3}
+        for name, value in v.items():
+            if name.startswith("zero_optimization.") and name.count(".") == 1:
+                zero[name.split(".", 1)[1]] = value
+        for part in ("offload_param", "offload_optimizer"):
+            prefix = f"zero_optimization.{part}."
+            section = {n[len(prefix):]: value for n, value in v.items() if n.startswith(prefix)}
+            if section["device"] == "nvme":
+                if swap_path is None:
+                    raise KnobError(prefix + "nvme_path", None, "a swap folder is needed for NVMe offload")
+                section["nvme_path"] = os.fspath(swap_path)
+            if part == "offload_param" and section["device"] == "cpu":
+                for key in ("buffer_count", "buffer_size", "max_in_cpu"):
+                    section.pop(key)
+            zero[part] = section
+        config = dict(self.knobs.passthrough)
+        config.update({
+            "train_micro_batch_size_per_gpu": v["run.micro_batch"],
+            "gradient_accumulation_steps": 1,
+            "optimizer": {"type": "Adam", "params": {"lr": v["run.lr"]}},
+            "zero_optimization": zero,
+            "aio": {n.split(".", 1)[1]: value for n, value in v.items() if n.startswith("aio.")},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        })
+        if v["run.dtype"] == "bf16":
+            config["bf16"] = {"enabled": True}
+        elif v["run.dtype"] == "fp16":
+            config["fp16"] = {"enabled": True, "initial_scale_power": 8}
+        if v["data_types.grad_accum_dtype"] is not None:
+            config["data_types"] = {"grad_accum_dtype": v["data_types.grad_accum_dtype"]}
+        return config
+
+
+# --- checks: each raises KnobError for one trap -----------------------------
+
+def _check_param_buffer_size(r):
+    if r["zero_optimization.offload_param.device"] != "nvme":
+        return
+    size = r["zero_optimization.offload_param.buffer_size"]
+    if size < r.largest_partition:
+        raise KnobError("zero_optimization.offload_param.buffer_size", size,
+                        f"smaller than the largest parameter partition ({r.largest_partition} elements of "
+                        f"{r.model.largest_tensor.name}); DeepSpeed fails at init")
+
+
+def _check_reuse_distance(r):
+    distance = r["zero_optimization.stage3_max_reuse_distance"]
+    if r.real_param_swapping and distance > 0:
+        raise KnobError("zero_optimization.stage3_max_reuse_distance", distance,
+                        "must be 0 when parameters swap through NVMe; otherwise gathered partitions keep their "
+                        "swap buffers and step 1 fails with 'Not enough buffers'")
+
+
+def _check_optimizer_buffers(r):
+    if r["zero_optimization.offload_optimizer.device"] != "nvme":
+        return
+    count = r["zero_optimization.offload_optimizer.buffer_count"]
+    pipelined = r["zero_optimization.offload_optimizer.pipeline_read"] or \
+        r["zero_optimization.offload_optimizer.pipeline_write"]
+    if pipelined and count < 12:
+        raise KnobError("zero_optimization.offload_optimizer.buffer_count", count,
+                        "pipelined optimizer swapping (pipeline_read/pipeline_write) needs at least 12 buffers "
+                        "(3 x Adam's 4 tensors)")
+    if count < 4:
+        raise KnobError("zero_optimization.offload_optimizer.buffer_count", count,
+                        "Adam needs at least 4 optimizer swap buffers (3 states + the gradient)")
+
+
+def _check_param_buffer_count(r):
+    if not r.real_param_swapping:
+        return
+    count = r["zero_optimization.offload_param.buffer_count"]
+    # One module's parameters are gathered together: a projection with a bias
+    # needs two buffers at once, and a demand fetch asserts instead of waiting.
+    needed = max(_params_per_module(r.model), 2)
+    if count < needed:
+        raise KnobError("zero_optimization.offload_param.buffer_count", count,
+                        f"at least {needed} buffers are needed to gather one module's parameters")
+
+
+def _params_per_module(model):
+    per_module = {}
+    for t in model.tensors():
+        module = t.name.rsplit(".", 1)[0]
+        per_module[module] = per_module.get(module, 0) + 1
+    return max(per_module.values())
+
+
+def _check_dtype(r):
+    if r["run.dtype"] == "fp16" and not _cuda_present():
+        raise KnobError("run.dtype", "fp16", "fp16 training needs a GPU; on the CPU accelerator use fp32 or bf16")
+
+
+def _cuda_present():
+    # Checked without importing torch: the NVIDIA driver exposes this file.
+    return os.path.exists("/proc/driver/nvidia/version")
+
+
+def _check_gds(r):
+    if r["aio.use_gds"] and not _cuda_present():
+        raise KnobError("aio.use_gds", True, "GPUDirect Storage needs a CUDA GPU")
+
+
+CHECKS = [_check_param_buffer_size, _check_reuse_distance, _check_optimizer_buffers, _check_param_buffer_count,
+          _check_dtype, _check_gds]

@@ -1,0 +1,304 @@
+"""Lab: plans runs, launches the worker, follows it, keeps the run store.
+
+`Lab.run()` validates everything before any process starts, then returns a
+live Run at once: the worker trains in a child process while a background
+thread follows its event file. The caller's thread (a notebook cell) is free.
+"""
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from . import runs as R
+from .knobs import Knobs, KnobError
+from .models import ModelSpec
+from .telemetry import decode_lines
+
+SWAP_MARKER = ".memlab-swap"  # memlab removes only folders that carry this marker
+FOLLOW_INTERVAL = 0.1
+
+
+def default_store():
+    return os.environ.get("MEMLAB_STORE") or os.path.abspath("memlab-runs")
+
+
+def default_swap_root():
+    return os.environ.get("MEMLAB_SWAP_DIR") or os.path.join(tempfile.gettempdir(), "memlab-swap")
+
+
+def new_run_id():
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_swap_root(path):
+    """The swap root must be a writable folder on a file system with O_DIRECT
+    (DeepSpeed's aio opens every swap file with it)."""
+    knob = "run.swap_dir"
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise KnobError(knob, path, f"cannot create it ({exc.strerror})")
+    if not os.path.isdir(path):
+        raise KnobError(knob, path, "is not a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise KnobError(knob, path, "is not writable")
+    probe = os.path.join(path, f".memlab-odirect-{os.getpid()}-{secrets.token_hex(2)}")
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600)
+        os.close(fd)
+    except OSError as exc:
+        raise KnobError(knob, path, f"its file system does not support O_DIRECT ({exc.strerror})")
+    finally:
+        if os.path.exists(probe):
+            os.unlink(probe)
+
+
+class WorkerProcess:
+    """The child process of one run."""
+
+    def __init__(self, argv, env, log_path):
+        self.log = open(log_path, "ab")
+        # Own session: Stop and cleanup reach the worker and anything it started.
+        self.popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=self.log,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        self.stop_requested = False
+
+    @property
+    def pid(self):
+        return self.popen.pid
+
+    def poll(self):
+        return self.popen.poll()
+
+    def stop(self, timeout=30):
+        """SIGTERM (the worker stops between phases), then SIGKILL the group."""
+        self.stop_requested = True
+        if self.popen.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+                self.popen.wait()
+        self._reap_group()
+
+    def _signal_group(self, sig):
+        try:
+            os.killpg(self.popen.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _reap_group(self):
+        # Nothing the worker started may outlive the run.
+        self._signal_group(signal.SIGKILL)
+        self.log.close()
+
+
+class Lab:
+    """Launches, follows and remembers runs. `Lab(store="memlab-runs")`."""
+
+    def __init__(self, store=None):
+        self.store = os.path.abspath(store or default_store())
+        os.makedirs(self.store, exist_ok=True)
+        self.live = []
+
+    # -- planning (no process) ----------------------------------------------------
+    def plan(self, knobs=None, model=None, engine=None, data=None, **overrides):
+        """Validate and resolve a run; returns (Knobs, ModelSpec, ResolvedKnobs).
+        Every error here is raised before any process starts."""
+        if knobs is None:
+            knobs = Knobs(engine=engine or "deepspeed")
+        elif isinstance(knobs, dict):
+            knobs = Knobs(knobs, engine=engine or "deepspeed")
+        elif isinstance(knobs, (str, os.PathLike)):
+            knobs = Knobs.from_ds_config(knobs, engine=engine or "deepspeed")
+        elif engine is not None and engine != knobs.engine:
+            knobs = Knobs(knobs.flat(), engine=engine, passthrough=knobs.passthrough) if engine != "custom" else knobs
+        if overrides:
+            knobs = knobs.set({k if "." in k else f"run.{k}": v for k, v in overrides.items()})
+        spec = ModelSpec.resolve(model if model is not None else "tiny-llama")
+        resolved = knobs.resolve(spec)
+        if data is not None:
+            _check_data(data, spec)
+        return knobs, spec, resolved
+
+    # -- running ----------------------------------------------------------------------
+    def run(self, knobs=None, model=None, engine=None, data=None, wait=False, **overrides):
+        """Start a real run; returns the live Run at once (or when done with wait=True).
+
+        `knobs`: Knobs, a dict of dotted knob names, or a ds_config.json path.
+        `model`: preset name, config.json path, checkpoint folder, dict or ModelSpec.
+        `data`: texts or token-id lists to train on instead of random tokens. Texts
+        use the checkpoint's tokenizer when the model is a folder that has one,
+        else UTF-8 bytes as token ids.
+        `overrides`: knob changes, `steps=5` or `**{"aio.block_size": 2**21}`."""
+        knobs, spec, resolved = self.plan(knobs, model, engine, data, **overrides)
+        run_id = new_run_id()
+        run_dir = os.path.join(self.store, run_id)
+        os.makedirs(run_dir)
+        swap_path = self._make_swap_folder(resolved, run_id)
+        request = {
+            "run_id": run_id,
+            "knobs": resolved.values,
+            "knobs_nested": resolved.to_dict(),
+            "model": spec.to_dict(),
+            "ds_config": resolved.to_ds_config(swap_path),
+            "swap_path": swap_path,
+            "data": None if data is None else [r if isinstance(r, str) else list(r) for r in data],
+        }
+        with open(os.path.join(run_dir, "request.json"), "w") as f:
+            json.dump(request, f, indent=1)
+        env = self._worker_env(resolved)
+        try:
+            process = WorkerProcess([sys.executable, "-m", "memlab.engine.worker", run_dir], env,
+                                    os.path.join(run_dir, "worker.log"))
+        except OSError:
+            _remove_swap_folder(swap_path)
+            raise
+        run = R.Run(run_dir)
+        run._process = process
+        self.live.append(run)
+        follower = threading.Thread(target=self._follow, args=(run, process, swap_path),
+                                    name=f"memlab-follow-{run_id}", daemon=True)
+        follower.start()
+        if wait:
+            run.wait()
+        return run
+
+    def _make_swap_folder(self, resolved, run_id):
+        on_nvme = "nvme" in (resolved["zero_optimization.offload_param.device"],
+                             resolved["zero_optimization.offload_optimizer.device"])
+        if not on_nvme:
+            return None
+        root = os.path.abspath(resolved["run.swap_dir"] or default_swap_root())
+        check_swap_root(root)
+        path = os.path.join(root, run_id)
+        os.makedirs(path)  # unique per run: never shared, never pre-existing
+        open(os.path.join(path, SWAP_MARKER), "w").close()
+        return path
+
+    def _worker_env(self, resolved):
+        env = dict(os.environ)
+        env.update({
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "PYTHONUNBUFFERED": "1",
+            "DS_PIN_MEMORY_BACKEND": resolved["allocator.DS_PIN_MEMORY_BACKEND"],
+        })
+        for name in ("MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_"):
+            value = resolved[f"allocator.{name}"]
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = str(value)
+        # The worker imports memlab from wherever this process found it.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        return env
+
+    def _follow(self, run, process, swap_path):
+        events_path = os.path.join(run.path, R.EVENTS_FILE)
+        offset, partial = 0, ""
+
+        def read_new():
+            nonlocal offset, partial
+            if not os.path.exists(events_path):
+                return
+            with open(events_path) as f:
+                f.seek(offset)
+                chunk = f.read()
+                offset = f.tell()
+            if not chunk:
+                return
+            lines = (partial + chunk).splitlines(keepends=True)
+            partial = lines.pop() if not lines[-1].endswith("\n") else ""
+            events, _ = decode_lines(lines)
+            if events:
+                run._ingest(events)
+
+        try:
+            while process.poll() is None:
+                read_new()
+                time.sleep(FOLLOW_INTERVAL)
+            read_new()
+            returncode = process.poll()
+        finally:
+            process._reap_group()
+            _remove_swap_folder(swap_path)
+        ended = any(e["kind"] == "run_end" for e in run.events)
+        status = error = None
+        if not ended:
+            status = "stopped" if process.stop_requested else "failed"
+            error = _death_cause(returncode, run.events, process.stop_requested)
+        summary = R.summarize(run.events, status=status, error=error)
+        R.write_summary(run.path, summary)
+        if run in self.live:
+            self.live.remove(run)
+        run._finish(summary)
+
+    # -- the store ----------------------------------------------------------------------
+    def runs(self):
+        """Every run in the store, oldest first (runs that cannot be read are skipped with a warning)."""
+        import warnings
+
+        found = []
+        for name in sorted(os.listdir(self.store)):
+            path = os.path.join(self.store, name)
+            if not os.path.isfile(os.path.join(path, R.EVENTS_FILE)):
+                continue
+            live = next((r for r in self.live if r.path == path), None)
+            if live is not None:
+                found.append(live)
+                continue
+            try:
+                found.append(R.load_run(path))
+            except (R.RunStoreError, OSError, ValueError) as exc:
+                warnings.warn(f"memlab: skipping {path}: {exc}")
+        return found
+
+
+def _remove_swap_folder(path):
+    """Remove a run's swap folder, only if memlab created it (marker file)."""
+    if path and os.path.isfile(os.path.join(path, SWAP_MARKER)):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _death_cause(returncode, events, stop_requested):
+    phase = next((e for e in reversed(events) if e["kind"] == "phase"), {})
+    where = f"(last phase {phase.get('name', 'start')}, step {phase.get('step', 0)})"
+    if stop_requested:
+        return f"stopped by the user {where}"
+    if returncode is not None and returncode < 0:
+        name = signal.Signals(-returncode).name
+        hint = " (out of memory?)" if name == "SIGKILL" else ""
+        return f"worker killed by {name}{hint} {where}"
+    return f"worker exited with status {returncode} without reporting why {where}"
+
+
+def _check_data(data, spec):
+    if not isinstance(data, (list, tuple)) or not data:
+        raise KnobError("data", type(data).__name__, "must be a non-empty list of token-id lists")
+    for row in data:
+        if isinstance(row, str):
+            if not row:
+                raise KnobError("data", row, "texts must not be empty")
+            continue
+        if not isinstance(row, (list, tuple)) or not row:
+            raise KnobError("data", row, "each item must be a non-empty list of token ids")
+        bad = next((t for t in row if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < spec.vocab_size),
+                   None)
+        if bad is not None:
+            raise KnobError("data", bad, f"token ids must be integers in [0, {spec.vocab_size})")
+

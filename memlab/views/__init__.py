@@ -1,0 +1,1 @@
+"""Views of a Run: plotly figures, the HTML report (and later the dashboard)."""
