@@ -109,6 +109,7 @@ SPECS = [
     _k("run.lr", 1e-4, "float", "Adam learning rate", minimum=0.0),
     _k("run.swap_dir", None, "path", "folder under which each run gets its own swap folder "
        "(default $MEMLAB_SWAP_DIR or <tmp>/memlab-swap)", optional=True),
+    _k("run.telemetry", True, "bool", "probes and sampler on (off only to measure their overhead)"),
     _k("run.sample_hz", 13.0, "float", "sampler frequency", minimum=1.0, maximum=50.0),
     # --- allocator environment (memlab)
     _k("allocator.DS_PIN_MEMORY_BACKEND", "torch", "choice", "DeepSpeed's pinning backend",

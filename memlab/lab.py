@@ -75,25 +75,37 @@ class WorkerProcess:
         self.popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=self.log,
                                       stderr=subprocess.STDOUT, start_new_session=True)
         self.stop_requested = False
+        self.max_rss_bytes = None  # the kernel's peak RSS of the worker, once it has exited
+        self._poll_lock = threading.Lock()  # the follower and stop() both poll
 
     @property
     def pid(self):
         return self.popen.pid
 
     def poll(self):
-        return self.popen.poll()
+        """Exit status (negative: killed by that signal) or None while running.
+        Reaps with wait4 to keep the kernel's own peak-RSS figure of the child."""
+        with self._poll_lock:
+            if self.popen.returncode is None:
+                pid, status, usage = os.wait4(self.popen.pid, os.WNOHANG)
+                if pid == 0:
+                    return None
+                self.popen.returncode = os.waitstatus_to_exitcode(status)
+                self.max_rss_bytes = usage.ru_maxrss * 1024  # Linux reports KiB
+            return self.popen.returncode
 
     def stop(self, timeout=30):
         """SIGTERM (the worker stops between phases), then SIGKILL the group."""
         self.stop_requested = True
         if self.popen.poll() is None:
             self._signal_group(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
+            deadline = time.monotonic() + timeout
+            while self.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.poll() is None:
                 self._signal_group(signal.SIGKILL)
-                self.popen.wait()
-        self._reap_group()
+                while self.poll() is None:
+                    time.sleep(0.01)
 
     def _signal_group(self, sig):
         try:
@@ -104,7 +116,8 @@ class WorkerProcess:
     def _reap_group(self):
         # Nothing the worker started may outlive the run.
         self._signal_group(signal.SIGKILL)
-        self.log.close()
+        if not self.log.closed:
+            self.log.close()
 
 
 class Lab:
@@ -244,6 +257,7 @@ class Lab:
             error = _death_cause(returncode, run.events, process.stop_requested)
         summary = R.summarize(run.events, status=status, error=error)
         R.write_summary(run.path, summary)
+        run.worker_max_rss_bytes = process.max_rss_bytes
         if run in self.live:
             self.live.remove(run)
         run._finish(summary)

@@ -24,7 +24,7 @@ class RunStoreError(ValueError):
 
 class Timeline:
     """Columns built from `sample` events: t, rss, vm_lck, vm_hwm, page_cache,
-    io_read, io_write, pinned_reserved, pinned_used, heap_free, and
+    io_read, io_write, pinned_reserved, pinned_used, and
     `components[name]` for every component name (0 where a sample lacks it)."""
 
     COLUMNS = ("t", "rss", "vm_lck", "vm_hwm", "page_cache", "io_read", "io_write", "pinned_reserved", "pinned_used")

@@ -58,6 +58,16 @@ def _require(obj, name):
     return getattr(obj, name)
 
 
+def swap_file_kind(path):
+    """param | gradient | optimizer, from DeepSpeed's swap file names."""
+    name = os.path.basename(path)
+    if "_param." in name:
+        return "param"
+    if "_gradient_" in name:
+        return "gradient"
+    return "optimizer"
+
+
 def owner_on_stack(depth=2):
     frame = sys._getframe(depth)
     while frame is not None:
@@ -83,6 +93,7 @@ class Probes:
         self.pinned_used_peak = 0  # since the last step event
         self.swap_in_bytes = self.swap_out_bytes = 0
         self.swap_in_ops = self.swap_out_ops = 0
+        self.swap_by_kind = {}  # "in.param" -> bytes since the last step
         self.swap_paths = set()
         self.param_swappers = weakref.WeakSet()
         self.optimizer_managers = weakref.WeakSet()
@@ -171,14 +182,30 @@ class Probes:
             return [{"name": name, "capacity": sum(p["capacity"]),
                      "buffers": [[c, u] for c, u in zip(p["capacity"], p["used"])]} for name, p in self.pools.items()]
 
+    # -- I/O ---------------------------------------------------------------------
+    def record_io(self, direction, buffers, paths):
+        with self.lock:
+            for buffer, path in zip(buffers, paths):
+                key = f"{direction}.{swap_file_kind(path)}"
+                self.swap_by_kind[key] = self.swap_by_kind.get(key, 0) + buffer.nbytes
+                if direction == "in":
+                    self.swap_in_bytes += buffer.nbytes
+                    self.swap_in_ops += 1
+                else:
+                    self.swap_out_bytes += buffer.nbytes
+                    self.swap_out_ops += 1
+                self.swap_paths.add(path)
+
     # -- step accounting ---------------------------------------------------------
     def take_step_counters(self):
         """Bytes swapped and the pinned peak since the last step; resets them."""
         with self.lock:
             out = {"swap_in_bytes": self.swap_in_bytes, "swap_out_bytes": self.swap_out_bytes,
                    "swap_in_ops": self.swap_in_ops, "swap_out_ops": self.swap_out_ops,
+                   "swap_by_kind": dict(self.swap_by_kind),
                    "pinned_used_peak": self.pinned_used_peak, "pinned_reserved": self.pinned_reserved}
             self.swap_in_bytes = self.swap_out_bytes = self.swap_in_ops = self.swap_out_ops = 0
+            self.swap_by_kind = {}
             self.pinned_used_peak = self.pinned_used()
         return out
 
@@ -327,19 +354,11 @@ def _hook_swap_io(probes):
     original_out = _require(modules[0], "swap_out_tensors")
 
     def swap_in_tensors(handle, buffers, paths):
-        with probes.lock:
-            for buffer, path in zip(buffers, paths):
-                probes.swap_in_bytes += buffer.nbytes
-                probes.swap_in_ops += 1
-                probes.swap_paths.add(path)
+        probes.record_io("in", buffers, paths)
         return original_in(handle, buffers, paths)
 
     def swap_out_tensors(handle, buffers, paths):
-        with probes.lock:
-            for buffer, path in zip(buffers, paths):
-                probes.swap_out_bytes += buffer.nbytes
-                probes.swap_out_ops += 1
-                probes.swap_paths.add(path)
+        probes.record_io("out", buffers, paths)
         return original_out(handle, buffers, paths)
 
     for module in modules:  # each module imported the functions by name

@@ -93,7 +93,7 @@ class Worker:
                          versions=library_versions(), host=host_facts())
         status, error = "ok", None
         try:
-            self._start_sampler()
+            self._start_probes()
             self.train()
         except StopRequested:
             status, error = "stopped", f"stopped by the user at step {self.step_index} ({self.phase})"
@@ -111,10 +111,12 @@ class Worker:
         self.writer.close()
         return 0 if status == "ok" else 1
 
-    def _start_sampler(self):
+    def _start_probes(self):
         from .probes import Probes
 
         self.probes = Probes(self.writer)
+        if not self.knobs["run.telemetry"]:
+            return  # step events only: the baseline of the overhead benchmark
 
         def attribute(rss, page_cache):
             fields = self.probes.attribute(rss, page_cache, heap_free_bytes())
@@ -145,7 +147,8 @@ class Worker:
         from ..models import ModelSpec
         from . import probes as probe_hooks
 
-        probe_hooks.install(self.probes)
+        if k["run.telemetry"]:
+            probe_hooks.install(self.probes)
         self.check_stop()
 
         self.enter_phase("model_init")
@@ -168,7 +171,8 @@ class Worker:
         self.enter_phase("engine_init")
         engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                       config=ds_config)
-        probe_hooks.attribute_engine_buffers(self.probes, engine)
+        if k["run.telemetry"]:
+            probe_hooks.attribute_engine_buffers(self.probes, engine)
         self.probes.take_step_counters()  # init I/O is not a training step's
         batches = self._batches(torch, spec)
         self.check_stop()
@@ -183,7 +187,7 @@ class Worker:
             engine.backward(loss)
             self.enter_phase("optimizer_step")
             engine.step()
-            if index == 0:
+            if index == 0 and k["run.telemetry"]:
                 probe_hooks.attribute_optimizer_state(self.probes, optimizer)
             if k["allocator.malloc_trim"] == "each_step":
                 _malloc_trim()

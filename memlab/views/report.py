@@ -109,7 +109,8 @@ def summary_table_text(summary):
         if field == "components_at_peak" and isinstance(value, dict):
             rows += [(f"  {name}", text, "") for name, text in _component_lines(value)]
     width_field = max(len(r[0]) for r in rows)
-    width_value = max(len(r[1]) for r in rows)
+    # A long value (an error message) pushes only its own meaning right, not every row's.
+    width_value = max([len(r[1]) for r in rows if len(r[1]) <= 40] + [len("value")])
     lines = [f"{'field':<{width_field}}  {'value':<{width_value}}  meaning",
              f"{'-' * width_field}  {'-' * width_value}  {'-' * 7}"]
     lines += [f"{f:<{width_field}}  {v:<{width_value}}  {m}".rstrip() for f, v, m in rows]
@@ -150,7 +151,8 @@ def _summary_html(summary):
             cell = "<br>".join(f"{_e(n)}: {_e(t)}" for n, t in lines) or "–"
         else:
             cell = _e(format_value(field, value))
-        rows.append(f"<tr><td class='field'>{_e(field)}</td><td class='value'>{cell}</td>"
+        css = "value wrap" if field == "error" else "value"  # a long error wraps, numbers never do
+        rows.append(f"<tr><td class='field'>{_e(field)}</td><td class='{css}'>{cell}</td>"
                     f"<td class='meaning'>{_e(MEANINGS.get(field, ''))}</td></tr>")
     return ("<h2>Summary</h2><table class='summary'><thead><tr><th>field</th><th>value</th>"
             f"<th>meaning</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
@@ -249,7 +251,8 @@ table { border-collapse: collapse; font-size: 14px; }
 th, td { text-align: left; padding: 4px 12px 4px 0; border-bottom: 1px solid #eee; vertical-align: top; }
 th { border-bottom: 2px solid #ccc; }
 td.field { font-family: ui-monospace, monospace; white-space: nowrap; }
-td.value { white-space: nowrap; } td.meaning { color: #555; }
+td.value { white-space: nowrap; } td.value.wrap { white-space: normal; max-width: 420px; word-break: break-word; }
+td.meaning { color: #555; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.total td { font-weight: 600; border-top: 2px solid #ccc; }
 .muted { color: #777; font-size: 13px; }

@@ -1,0 +1,137 @@
+"""memlab's command line: run | demo | report.
+
+Exit status: 0 for a run that finished, 1 for a run that failed or was
+stopped, 2 for bad input (a one-line cause on stderr, nothing started).
+"""
+import argparse
+import json
+import os
+import sys
+
+from .knobs import KnobError, Knobs
+from .models import ModelSpecError
+
+
+def _value(text):
+    """--set values: JSON where it parses (numbers, true, null), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def load_knobs_file(path, engine):
+    """A memlab knobs file (has "engine") or a DeepSpeed ds_config.json."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise KnobError("--knobs", path, "no such file")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise KnobError("--knobs", path, f"not readable JSON ({exc})")
+    if isinstance(data, dict) and "engine" in data:
+        knobs = Knobs.from_dict(data)
+        return knobs if engine is None else Knobs(knobs.flat(), engine=engine, passthrough=knobs.passthrough)
+    return Knobs.from_ds_config(data if isinstance(data, dict) else path, engine=engine or "deepspeed")
+
+
+def knobs_from_args(args):
+    engine = getattr(args, "engine", None)
+    knobs = load_knobs_file(args.knobs, engine) if args.knobs else Knobs(engine=engine or "deepspeed")
+    changes = {}
+    for item in args.set or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise KnobError("--set", item, "expected KEY=VALUE, e.g. aio.block_size=2097152")
+        changes[key.strip()] = _value(text.strip())
+    if args.steps is not None:
+        changes["run.steps"] = args.steps
+    return knobs.set(changes) if changes else knobs
+
+
+def _add_run_arguments(parser):
+    parser.add_argument("--model", default="tiny-llama", help="preset name, config.json path or checkpoint folder")
+    parser.add_argument("--engine", choices=("deepspeed", "memascend"), default=None)
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="change one knob (repeatable)")
+    parser.add_argument("--knobs", metavar="FILE.json", help="a memlab knobs file or a DeepSpeed ds_config.json")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--out", metavar="DIR", default=None, help="run store (default ./memlab-runs)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+
+
+def _progress(run, new_events):
+    for event in new_events:
+        if event["kind"] == "step":
+            print(f"memlab: step {event['index']}  loss {event['loss']:.4f}  {event['seconds']:.2f} s  "
+                  f"swap in {event['swap_in_bytes'] / 2**20:.1f} MiB  out {event['swap_out_bytes'] / 2**20:.1f} MiB",
+                  file=sys.stderr, flush=True)
+        elif event["kind"] == "phase" and event["name"] in ("import", "model_init", "engine_init"):
+            print(f"memlab: {event['name'].replace('_', ' ')} ...", file=sys.stderr, flush=True)
+
+
+def execute(args, report=False):
+    from .lab import Lab
+    from .views.report import summary_table_text
+
+    knobs = knobs_from_args(args)
+    lab = Lab(args.out)
+    run = lab.run(knobs, model=args.model)  # validates before starting anything
+    print(f"memlab: run {run.run_id} in {run.path}", file=sys.stderr, flush=True)
+    run.add_listener(_progress)
+    try:
+        summary = run.wait()
+    except KeyboardInterrupt:
+        print("memlab: stopping ...", file=sys.stderr, flush=True)
+        summary = run.stop()
+    if report:
+        path = run.report()
+        print(f"memlab: report written to {path}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(summary_table_text(summary))
+    if summary["status"] != "ok":
+        print(f"memlab: run {summary['status']}: {summary['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_report(args):
+    from .runs import load_run
+
+    run = load_run(args.run)
+    path = run.report(args.output)
+    print(path)
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="memlab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="one real offloaded fine-tuning run; prints its summary")
+    _add_run_arguments(run)
+    demo = sub.add_parser("demo", help="a run on the default preset, with its HTML report")
+    _add_run_arguments(demo)
+    report = sub.add_parser("report", help="write the HTML report of a stored run")
+    report.add_argument("run", help="run folder")
+    report.add_argument("-o", "--output", default=None, help="HTML path (default RUN/report.html)")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return execute(args)
+        if args.command == "demo":
+            return execute(args, report=True)
+        if args.command == "report":
+            return cmd_report(args)
+    except (KnobError, ModelSpecError, ValueError, OSError) as exc:
+        print(f"memlab: error: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

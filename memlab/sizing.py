@@ -1,0 +1,51 @@
+"""DeepSpeed 0.19's sizing rules, from tensor shapes alone (no torch, no deepspeed).
+
+These are the rules the engine applies when it sizes its host buffers and
+decides what to swap; the what-if estimator is built on them and tests
+check measured runs against them. Each function names the DeepSpeed code it
+mirrors.
+"""
+AIO_ALIGNED_BYTES = 1024  # swap_tensor/constants.py
+MIN_AIO_BYTES = 1024 * 1024  # swap_tensor/constants.py
+
+
+def aligned_numel(numel, element_size, intra_op_parallelism=1):
+    """`_io_aligned_numel`: elements rounded up to 1024 x intra_op_parallelism bytes."""
+    alignment = AIO_ALIGNED_BYTES * intra_op_parallelism // element_size
+    return -(-int(numel) // alignment) * alignment
+
+
+def min_swap_bytes(block_size):
+    """`min_aio_bytes`: tensors smaller than this stay in RAM."""
+    return max(MIN_AIO_BYTES, block_size)
+
+
+def swappable(numel, element_size, block_size):
+    """`swappable_tensor`: a partition goes through NVMe only if it is at least min_aio_bytes."""
+    return numel * element_size >= min_swap_bytes(block_size)
+
+
+def sub_groups(numels, sub_group_size):
+    """`DeepSpeedZeroOptimizer_Stage3._create_fp16_sub_groups`: parameters in
+    order, a sub-group closes once it reaches sub_group_size elements (so one
+    parameter larger than it is a sub-group of its own). Returns lists of numels."""
+    numels = list(numels)
+    if sub_group_size is None or sub_group_size >= sum(numels):
+        return [numels]
+    groups, current, size = [], [], 0
+    for index, numel in enumerate(numels):
+        current.append(numel)
+        size += numel
+        if size >= sub_group_size or index == len(numels) - 1:
+            groups.append(current)
+            current, size = [], 0
+    return groups
+
+
+def largest_sub_group(numels, sub_group_size):
+    """The sub-group with most elements (first on ties), as in stage3.py."""
+    best = []
+    for group in sub_groups(numels, sub_group_size):
+        if sum(group) > sum(best):
+            best = group
+    return best
