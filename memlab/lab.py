@@ -262,6 +262,32 @@ class Lab:
             self.live.remove(run)
         run._finish(summary)
 
+    # -- views ------------------------------------------------------------------------
+    def dashboard(self, **options):
+        """The notebook lab: knob panel, Run/Stop, live charts, run history and
+        comparison, in one ipywidgets widget (memlab.views.dashboard.Dashboard)."""
+        from .views.dashboard import Dashboard
+
+        return Dashboard(self, **options)
+
+    def compare(self, runs=None, labels=None):
+        """A plotly figure comparing runs (Run objects, run ids or run folders;
+        default: every run in the store) side by side: peaks and components at peak."""
+        from .views.figures import compare_runs
+
+        if runs is None:
+            runs = self.runs()
+        chosen = []
+        for run in runs:
+            if isinstance(run, R.Run):
+                chosen.append(run)
+                continue
+            path = os.fspath(run)
+            if not os.path.isdir(path):
+                path = os.path.join(self.store, path)
+            chosen.append(next((r for r in self.live if r.path == path), None) or R.load_run(path))
+        return compare_runs(chosen, labels=labels)
+
     # -- the store ----------------------------------------------------------------------
     def runs(self):
         """Every run in the store, oldest first (runs that cannot be read are skipped with a warning)."""

@@ -154,6 +154,22 @@ class Run:
     def __eq__(self, other):
         return isinstance(other, Run) and self.events == other.events and self.summary == other.summary
 
+    def plot(self, kind="memory", **options):
+        """A plotly figure of this run from memlab.views.figures: `kind` is one of
+        memory (host memory stacked by component), pinned, fragmentation, steps, pools."""
+        from .views import figures
+
+        builders = {
+            "memory": figures.memory_by_component,
+            "pinned": figures.pinned_reserved_vs_used,
+            "fragmentation": figures.fragmentation,
+            "steps": figures.step_times_and_loss,
+            "pools": figures.pool_occupancy,
+        }
+        if kind not in builders:
+            raise ValueError(f"kind={kind!r}: must be one of {', '.join(builders)}")
+        return builders[kind](self, **options)
+
     def report(self, path=None):
         """Write the self-contained HTML report; returns its path."""
         from .views.report import write_report

@@ -1,0 +1,331 @@
+"""The dashboard's logic without a browser: ipywidgets' DummyComm records every
+comm message, so knob validation, history rows, the state after a real run and
+the refresh throttling (messages per refresh, refreshes per second) are checked
+in plain pytest. The real browser test is tests/browser/."""
+import json
+import os
+import threading
+import time
+
+import plotly.graph_objects as go
+import pytest
+from ipywidgets.widgets.tests.utils import setup_test_comm, teardown_test_comm
+
+from memlab import Lab
+from memlab import components as C
+from memlab import knobs as K
+from memlab.runs import Run, summarize
+from memlab.views import dashboard as D
+from memlab.views import figures as F
+from test_views import make_events
+
+MiB = 1 << 20
+FIGURE_MESSAGES_PER_REFRESH = 4  # two edit ids, the one batched update, its reset
+
+
+@pytest.fixture(autouse=True)
+def dummy_comm():
+    setup_test_comm()
+    yield
+    teardown_test_comm()
+
+
+def store_run(store, run_id, events, status="ok"):
+    """A run folder as Lab writes it: events.jsonl + summary.json."""
+    path = os.path.join(store, run_id)
+    os.makedirs(path)
+    events = [dict(e, run_id=run_id) if e["kind"] == "run_start" else e for e in events]
+    with open(os.path.join(path, "events.jsonl"), "w") as f:
+        for e in events:
+            f.write(json.dumps(e) + "\n")
+    with open(os.path.join(path, "summary.json"), "w") as f:
+        json.dump(summarize(events, status=status), f)
+    return path
+
+
+def with_knobs(events, **changes):
+    """Events whose run_start knobs carry some changed (dotted) knob values."""
+    events = [dict(e) for e in events]
+    knobs = json.loads(json.dumps(events[0]["knobs"]))
+    for name, value in changes.items():
+        node = knobs
+        *path, leaf = name.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    events[0]["knobs"] = knobs
+    return events
+
+
+def sent(widget):
+    return len(widget.comm.messages)
+
+
+@pytest.fixture
+def lab(tmp_path):
+    return Lab(tmp_path / "store")
+
+
+# ------------------------------------------------------------- knob panel
+
+def test_panel_has_the_knobs_that_matter_and_every_memascend_switch(lab, monkeypatch):
+    switches = {"memascend.pool": ("fixed", "adaptive"), "memascend.pinning": ("torch", "exact"),
+                "memascend.new_thing": (False, True)}  # switches are read when the dashboard is made
+    monkeypatch.setattr(K, "MEMASCEND_SWITCHES", switches)
+    dash = lab.dashboard()
+    for name in switches:
+        assert name in dash.fields
+        assert [v for _, v in dash.fields[name].control.options] == list(switches[name])
+    for name in ("zero_optimization.offload_param.buffer_count", "zero_optimization.offload_param.buffer_size",
+                 "zero_optimization.sub_group_size", "zero_optimization.stage3_max_reuse_distance",
+                 "zero_optimization.offload_param.pin_memory", "aio.block_size", "aio.queue_depth",
+                 "zero_optimization.offload_optimizer.device", "run.micro_batch", "run.seq_len", "run.steps"):
+        assert name in dash.fields, name
+    # engine=memascend turns every switch on; one switch back makes it custom
+    dash.set(engine="memascend")
+    assert all(dash.fields[n].value == opt for n, (_, opt) in switches.items())
+    dash.fields["memascend.pool"].control.value = "fixed"
+    assert dash.engine.value == "custom"
+    dash.engine.control.value = "deepspeed"
+    assert all(dash.fields[n].value == stock for n, (stock, _) in switches.items())
+
+
+def test_without_switches_memascend_is_refused_next_to_the_engine(lab, monkeypatch):
+    monkeypatch.setattr(K, "MEMASCEND_SWITCHES", {})
+    dash = lab.dashboard()
+    assert not any(n.startswith("memascend.") for n in dash.fields)
+    dash.engine.control.value = "memascend"
+    assert "no MemAscend optimization" in dash.engine.message.value
+    assert dash.run_button.disabled
+    dash.engine.control.value = "deepspeed"
+    assert dash.engine.message.value == "" and not dash.run_button.disabled
+
+
+def test_bad_values_are_shown_next_to_their_knob_before_anything_starts(lab):
+    dash = lab.dashboard()
+    assert not dash.run_button.disabled and dash.problem.value == ""
+    count = dash.fields["zero_optimization.offload_param.buffer_count"]
+    block = dash.fields["aio.block_size"]
+    count.control.value = "two"
+    block.control.value = "100"
+    assert "whole number" in count.message.value
+    assert "at least 4096" in block.message.value  # every bad field at once
+    assert dash.run_button.disabled and "Cannot run yet" in dash.problem.value
+    assert dash.start() is None and os.listdir(lab.store) == []  # nothing started
+    count.control.value = "5"
+    block.control.value = "1048576"
+    assert count.message.value == "" and block.message.value == "" and not dash.run_button.disabled
+
+
+def test_combination_traps_land_on_the_knob_named_by_the_plan(lab):
+    dash = lab.dashboard()
+    reuse = dash.fields["zero_optimization.stage3_max_reuse_distance"]
+    reuse.control.value = "1000"
+    assert "Not enough buffers" in reuse.message.value and dash.run_button.disabled
+    reuse.control.value = "0"
+    dash.set({"zero_optimization.offload_param.buffer_size": 1000})
+    assert "largest parameter partition" in dash.fields["zero_optimization.offload_param.buffer_size"].message.value
+    dash.set({"zero_optimization.offload_param.buffer_size": "auto"})
+    hint = dash.fields["zero_optimization.offload_param.buffer_size"].message.value
+    assert "auto = " in hint and "elements" in hint
+    dash.set(config_path="/nonexistent/config.json")
+    assert dash.config_path.message.value and dash.run_button.disabled
+    dash.set(config_path="")
+    assert not dash.run_button.disabled
+
+
+def test_set_rejects_knobs_not_in_the_panel(lab):
+    with pytest.raises(K.KnobError):
+        lab.dashboard().set({"no.such.knob": 1})
+
+
+# --------------------------------------------------------------- history
+
+def test_history_rows_from_the_store_survive_a_restart(lab):
+    base = make_events(scale=MiB)
+    store_run(lab.store, "20260101-000000-aaaaaa", base)
+    store_run(lab.store, "20260101-000100-bbbbbb",
+              with_knobs(base, **{"aio.block_size": 2 * MiB, "zero_optimization.offload_param.buffer_count": 8}))
+    store_run(lab.store, "20260101-000200-cccccc", base, status="stopped")
+    dash = lab.dashboard()
+    rows = dash.history_rows()
+    assert [r["run_id"] for r in rows] == ["20260101-000000-aaaaaa", "20260101-000100-bbbbbb",
+                                           "20260101-000200-cccccc"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "stopped"]
+    assert rows[0]["differs"] == [] and rows[2]["differs"] == []
+    assert rows[1]["differs"] == ["offload_param.buffer_count=8", "aio.block_size=2.0 MiB"]
+    summary = summarize(base)
+    assert rows[0]["peak_rss_bytes"] == summary["peak_rss_bytes"]
+    assert rows[0]["peak_engine_host_bytes"] == summary["peak_engine_host_bytes"]
+    assert rows[0]["fragmentation_at_peak"] == summary["fragmentation_at_peak"]
+    assert rows[0]["step_time_median_s"] == summary["step_time_median_s"]
+    table = dash.history.value
+    assert table.count("<tr>") == 4 and "aio.block_size=2.0 MiB" in table and "MiB" in table
+    # the charts open on the latest stored run, with its points; the comparison has the finished runs
+    assert dash.run.run_id == "20260101-000200-cccccc" and dash.chart.points() > 0
+    assert set(dash.compare_select.value) == {r["run_id"] for r in rows}
+    assert len(dash.compare_chart.data) > 0
+    # a new kernel, the same store: the same history
+    again = Lab(lab.store).dashboard()
+    assert again.history_rows() == rows
+
+
+def test_history_is_capped_and_says_so(lab):
+    base = make_events(n_samples=40, n_steps=2)
+    for i in range(5):
+        store_run(lab.store, f"20260101-00000{i}-abcdef", base)
+    dash = lab.dashboard(history_rows=3)
+    assert len(dash.history_rows()) == 3
+    assert "showing the 3 latest of 5 runs" in dash.history.value
+
+
+def test_selecting_runs_redraws_the_comparison(lab):
+    base = make_events(n_samples=60, n_steps=3)
+    for i in range(3):
+        store_run(lab.store, f"20260101-00000{i}-abcdef", base)
+    dash = lab.dashboard()
+    dash.compare_select.value = ("20260101-000000-abcdef",)
+    bars = [t for t in dash.compare_chart.data if t.name == "peak RSS"]
+    assert list(bars[0].x) == ["#1"]
+    dash.compare_select.value = ("20260101-000000-abcdef", "20260101-000002-abcdef")
+    bars = [t for t in dash.compare_chart.data if t.name == "peak RSS"]
+    assert list(bars[0].x) == ["#1", "#3"]
+
+
+# ------------------------------------------------------------- throttling
+
+class FakeProcess:
+    """Stands in for the worker: the dashboard only asks whether it runs."""
+
+
+def test_live_refreshes_are_throttled_and_batched(lab):
+    """Events arrive 20 times a second for 2.5 s: the chart redraws at most
+    refresh_hz times a second, each redraw one batched update (4 comm messages)."""
+    dash = lab.dashboard(refresh_hz=2)
+    fig = dash.chart.widget
+    events = make_events(n_samples=600, n_steps=20)
+    run = Run(os.path.join(lab.store, "20260101-000000-live00"))
+    run._process = FakeProcess()
+    before_msgs, before_refreshes = sent(fig), dash.chart.refreshes
+    run._ingest(events[:4])
+    dash.watch(run)
+    assert dash.running and dash.run_button.disabled and not dash.stop_button.disabled
+    started = time.monotonic()
+    for i in range(4, 54):  # 50 batches over 2.5 s
+        run._ingest(events[i * 10:(i + 1) * 10])
+        time.sleep(0.05)
+    elapsed = time.monotonic() - started
+    refreshes = dash.chart.refreshes - before_refreshes
+    assert 2 <= refreshes <= elapsed * 2 + 1
+    assert sent(fig) - before_msgs == refreshes * FIGURE_MESSAGES_PER_REFRESH
+    assert 0 < dash.chart.points() <= D.MAX_POINTS
+    # the end of the run: one final redraw, plus the state stored for saved notebooks
+    run._finish(summarize(run.events, status="ok"))
+    deadline = time.monotonic() + 5
+    while dash.running or "ok" not in dash.status.value:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not dash.run_button.disabled and dash.stop_button.disabled
+
+
+def test_one_refresh_is_one_batched_update(lab):
+    store_run(lab.store, "20260101-000000-aaaaaa", make_events())
+    dash = lab.dashboard()
+    fig = dash.chart.widget
+    before = sent(fig)
+    dash.refresh()
+    messages = [args[0] if args else kw.get("data") for args, kw in fig.comm.messages[before:]]
+    assert len(messages) == FIGURE_MESSAGES_PER_REFRESH
+    updates = [m for m in messages if m["state"].get("_py2js_update")]
+    assert len(updates) == 1
+
+
+def test_refresh_rate_is_bounded(lab):
+    with pytest.raises(ValueError):
+        lab.dashboard(refresh_hz=10)
+
+
+# ------------------------------------------------------- views from code
+
+def test_run_plot_and_lab_compare(lab):
+    a = store_run(lab.store, "20260101-000000-aaaaaa", make_events())
+    store_run(lab.store, "20260101-000100-bbbbbb", make_events(scale=2 * MiB))
+    run = lab.runs()[0]
+    fig = run.plot()
+    assert isinstance(fig, go.Figure) and "MiB" in fig.layout.yaxis.title.text
+    assert {t.name for t in fig.data} >= set(C.ALL)
+    for kind in ("pinned", "fragmentation", "steps", "pools"):
+        assert isinstance(run.plot(kind), go.Figure)
+    with pytest.raises(ValueError):
+        run.plot("nope")
+    fig = lab.compare()
+    assert list(next(t for t in fig.data if t.name == "peak RSS").x) == [
+        "20260101-000000-aaaaaa", "20260101-000100-bbbbbb"]
+    fig = lab.compare(["20260101-000100-bbbbbb", a], labels=["big", "small"])
+    assert list(next(t for t in fig.data if t.name == "peak RSS").x) == ["big", "small"]
+
+
+# ----------------------------------------------------------- a real run
+
+@pytest.mark.engine
+def test_a_real_run_from_the_dashboard(tmp_path):
+    """Run pressed in the dashboard: the call returns at once, the chart gains
+    points while the worker trains, each refresh is one batched update at
+    <= 2 Hz; at the end the widget state holds the data and the history has the
+    row. Then a long run is stopped with Stop and adds a second row."""
+    lab = Lab(tmp_path / "store")
+    dash = lab.dashboard(refresh_hz=2)
+    fig = dash.chart.widget
+    msgs0, refresh0 = sent(fig), dash.chart.refreshes
+    started = time.monotonic()
+    run = dash.start(steps=20)
+    assert run is not None and time.monotonic() - started < 5 and not run.done
+    assert dash.run_button.disabled and not dash.stop_button.disabled
+    seen = []
+    while not run.done and time.monotonic() - started < 300:
+        seen.append(dash.chart.points())
+        time.sleep(0.25)
+    run.wait(300)
+    elapsed = time.monotonic() - started
+    growing = [b for a, b in zip(seen, seen[1:]) if b > a]
+    assert len(growing) >= 3, f"the chart should gain points while the run goes: {seen}"
+    deadline = time.monotonic() + 10
+    while dash.running or not dash.status.value.startswith("<b style='color:#2ca02c'>ok"):
+        assert time.monotonic() < deadline, dash.status.value
+        time.sleep(0.1)
+    assert run.summary["status"] == "ok", run.summary["error"]
+    refreshes = dash.chart.refreshes - refresh0
+    assert refreshes <= elapsed * 2 + 2
+    # each refresh one batched update; the final one also stores the full state (2 messages)
+    assert sent(fig) - msgs0 == refreshes * FIGURE_MESSAGES_PER_REFRESH + 2
+    # the final state: real points, component legend, MiB units, the state synced for saving
+    assert 0 < dash.chart.points() <= D.MAX_POINTS
+    names = {t.name for t in fig.data}
+    assert set(C.ALL) <= names
+    assert fig.layout.yaxis.title.text in ("host memory (MiB)", "host memory (GiB)")
+    stored = {t["name"]: t for t in fig._widget_data if t.get("name")}
+    assert len(stored[F.RSS]["x"]) == dash.chart.points()
+    framework = next(t for t in fig.data if t.name == C.FRAMEWORK)
+    assert max(framework.y) > 50  # MiB: the interpreter and libraries
+    rows = dash.history_rows()
+    assert len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["steps"] == 20
+    assert rows[0]["peak_rss_bytes"] == run.summary["peak_rss_bytes"]
+    assert run.run_id in dash.compare_select.value
+
+    # a long run with other knobs, stopped with Stop
+    long_run = dash.start(steps=2000)
+    deadline = time.monotonic() + 300
+    while len(long_run.steps) < 3:
+        assert time.monotonic() < deadline and not long_run.done
+        time.sleep(0.2)
+    thread = dash.stop()
+    assert thread is not None and dash.stop_button.disabled
+    thread.join(60)
+    assert long_run.done and long_run.summary["status"] == "stopped"
+    deadline = time.monotonic() + 10
+    while "stopped</td>" not in dash.history.value or dash.running:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    rows = dash.history_rows()
+    assert rows[1]["differs"] == ["steps=2000"] and "stopped" in dash.history.value
+    assert not dash.run_button.disabled
