@@ -14,7 +14,9 @@ import difflib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Optional, Tuple
+
+from .sizing import aligned_numel, largest_sub_group, staging_plan
 
 
 class KnobError(ValueError):
@@ -111,6 +113,10 @@ SPECS = [
        "(default $MEMLAB_SWAP_DIR or <tmp>/memlab-swap)", optional=True),
     _k("run.telemetry", True, "bool", "probes and sampler on (off only to measure their overhead)"),
     _k("run.sample_hz", 13.0, "float", "sampler frequency", minimum=1.0, maximum=50.0),
+    # --- memascend settings that are not on/off switches
+    _k("memascend.staging_elements", AUTO, "int",
+       "staging bound of memascend.optimizer_staging=bounded, in elements; auto = the largest sub-group of more "
+       "than one parameter", minimum=1024, auto=True),
     # --- allocator environment (memlab)
     _k("allocator.DS_PIN_MEMORY_BACKEND", "torch", "choice", "DeepSpeed's pinning backend",
        choices=("torch", "native")),
@@ -120,9 +126,21 @@ SPECS = [
 ]
 SPEC_BY_NAME = {s.name: s for s in SPECS}
 
-# memascend.* switches register here (one module per optimization, issue #3):
-# name -> (DeepSpeed's behaviour, the optimized value). Empty until then.
-MEMASCEND_SWITCHES = {}
+# memascend.* switches: name -> (DeepSpeed's behaviour, the optimized value).
+# One module each in memlab/engine/memascend/; engine="memascend" turns all on.
+MEMASCEND_SWITCHES = {
+    "memascend.pool": ("fixed", "adaptive"),
+    "memascend.pinning": ("torch", "exact"),
+    "memascend.grad_checks": ("stock", "fused"),
+    "memascend.optimizer_staging": ("stock", "bounded"),
+}
+MEMASCEND_DOCS = {
+    "memascend.pool": "parameter swap buffers sized by the partitions that use them, grown on demand",
+    "memascend.pinning": "pinned buffers take exactly their bytes rounded to the page (DeepSpeed's native backend)",
+    "memascend.grad_checks": "overflow check and gradient norm in bounded slices, no buffer-sized temporaries",
+    "memascend.optimizer_staging": "a one-parameter sub-group larger than the staging bound (the embedding) is "
+                                   "stepped slice by slice through bounded buffers; no full-size first-step copy",
+}
 ENGINES = ("deepspeed", "memascend", "custom")
 
 
@@ -369,6 +387,16 @@ class ResolvedKnobs:
                      "zero_optimization.reduce_bucket_size"):
             if values[name] == AUTO:
                 values[name] = largest
+        plan = staging_plan(partition_numels(model), values["zero_optimization.sub_group_size"],
+                            values["memascend.staging_elements"])
+        if values["memascend.staging_elements"] != AUTO and plan["bound"] < plan["largest_multi_group"]:
+            raise KnobError("memascend.staging_elements", values["memascend.staging_elements"],
+                            f"smaller than the largest sub-group of several parameters ({plan['largest_multi_group']} "
+                            f"elements), which cannot be streamed; raise it or lower sub_group_size")
+        values["memascend.staging_elements"] = plan["bound"]
+        self.staging_plan = plan
+        if values.get("memascend.pinning") == "exact":
+            values["allocator.DS_PIN_MEMORY_BACKEND"] = "native"  # the backend exact pinning runs on
         self.values = values
         self.largest_partition = largest
         self.num_params = model.num_params
@@ -432,9 +460,13 @@ class ResolvedKnobs:
 
 # --- checks: each raises KnobError for one trap -----------------------------
 
+def _adaptive_pool(r):
+    return r.values.get("memascend.pool") == "adaptive"
+
+
 def _check_param_buffer_size(r):
-    if r["zero_optimization.offload_param.device"] != "nvme":
-        return
+    if r["zero_optimization.offload_param.device"] != "nvme" or _adaptive_pool(r):
+        return  # the adaptive pool sizes buffers by partition, not buffer_size
     size = r["zero_optimization.offload_param.buffer_size"]
     if size < r.largest_partition:
         raise KnobError("zero_optimization.offload_param.buffer_size", size,
@@ -466,8 +498,8 @@ def _check_optimizer_buffers(r):
 
 
 def _check_param_buffer_count(r):
-    if not r.real_param_swapping:
-        return
+    if not r.real_param_swapping or _adaptive_pool(r):
+        return  # the adaptive pool grows on demand instead of asserting
     count = r["zero_optimization.offload_param.buffer_count"]
     # One module's parameters are gathered together: a projection with a bias
     # needs two buffers at once, and a demand fetch asserts instead of waiting.
@@ -485,6 +517,24 @@ def _params_per_module(model):
     return max(per_module.values())
 
 
+def _check_fast_init(r):
+    if not (r.real_param_swapping and r["zero_optimization.offload_optimizer.fast_init"]):
+        return
+    if _adaptive_pool(r):
+        raise KnobError("zero_optimization.offload_optimizer.fast_init", True,
+                        "not supported with memascend.pool=adaptive (it stages init through whole fixed buffers)")
+    numels = [t.numel for t in r.model.tensors()]
+    element = 4
+    largest = aligned_numel(sum(largest_sub_group(numels, r["zero_optimization.sub_group_size"])), element,
+                            r["aio.intra_op_parallelism"])
+    per_buffer = aligned_numel(r["zero_optimization.offload_param.buffer_size"], element,
+                               r["aio.intra_op_parallelism"])
+    if per_buffer < largest:
+        raise KnobError("zero_optimization.offload_optimizer.fast_init", True,
+                        f"needs offload_param.buffer_size >= the largest optimizer sub-group ({largest} elements); "
+                        f"DeepSpeed asserts 'numel of fp16 buffers ... is too small'")
+
+
 def _check_dtype(r):
     if r["run.dtype"] == "fp16" and not _cuda_present():
         raise KnobError("run.dtype", "fp16", "fp16 training needs a GPU; on the CPU accelerator use fp32 or bf16")
@@ -500,5 +550,20 @@ def _check_gds(r):
         raise KnobError("aio.use_gds", True, "GPUDirect Storage needs a CUDA GPU")
 
 
+def _check_bounded_staging(r):
+    if r.values.get("memascend.optimizer_staging") != "bounded":
+        return
+    if r["zero_optimization.offload_optimizer.pipeline_read"] or r["zero_optimization.offload_optimizer.pipeline_write"]:
+        raise KnobError("memascend.optimizer_staging", "bounded",
+                        "not supported with offload_optimizer.pipeline_read/pipeline_write")
+    if r["zero_optimization.offload_optimizer.ratio"] != 1.0:
+        raise KnobError("memascend.optimizer_staging", "bounded", "needs offload_optimizer.ratio 1.0")
+
+
+def _check_adaptive_gds(r):
+    if _adaptive_pool(r) and r["aio.use_gds"]:
+        raise KnobError("memascend.pool", "adaptive", "not supported with aio.use_gds (GDS keeps the pool on the GPU)")
+
+
 CHECKS = [_check_param_buffer_size, _check_reuse_distance, _check_optimizer_buffers, _check_param_buffer_count,
-          _check_dtype, _check_gds]
+          _check_fast_init, _check_dtype, _check_gds, _check_adaptive_gds, _check_bounded_staging]

@@ -49,3 +49,35 @@ def largest_sub_group(numels, sub_group_size):
         if sum(group) > sum(best):
             best = group
     return best
+
+
+MIN_STAGING_ELEMENTS = 1 << 22  # below this, streaming a slice costs more in I/O calls than it saves
+STAGING_ALIGNMENT = 1024  # elements: 4 KiB in fp32, 2 KiB in bf16, O_DIRECT-safe for either
+
+
+def staging_plan(numels, sub_group_size, staging_elements="auto"):
+    """Bounded optimizer staging (memascend.optimizer_staging=bounded).
+
+    Returns {"bound": B, "streamed": [sub-group indices], "largest_kept_group": numels}.
+    auto B: the largest sub-group of more than one parameter (those cannot be
+    streamed), else the largest sub-group smaller than the largest; never below
+    MIN_STAGING_ELEMENTS unless the largest sub-group is smaller. A sub-group
+    that is one parameter of more than B elements is streamed through B-element
+    slices; the others keep DeepSpeed's whole-sub-group path."""
+    groups = sub_groups(numels, sub_group_size)
+    sizes = [sum(g) for g in groups]
+    largest = max(sizes)
+    if staging_elements == "auto":
+        multi = [s for g, s in zip(groups, sizes) if len(g) > 1]
+        smaller = [s for s in sizes if s < largest]
+        bound = max(multi) if multi else (max(smaller) if smaller else largest)
+        bound = min(largest, max(bound, MIN_STAGING_ELEMENTS))
+    else:
+        bound = int(staging_elements)
+    bound = -(-bound // STAGING_ALIGNMENT) * STAGING_ALIGNMENT
+    streamed = [i for i, (g, s) in enumerate(zip(groups, sizes)) if len(g) == 1 and s > bound]
+    kept = [i for i in range(len(groups)) if i not in streamed]
+    keep = max(kept, key=lambda i: sizes[i]) if kept else None
+    return {"bound": bound, "streamed": streamed,
+            "largest_kept_group": groups[keep] if keep is not None else [min(bound, largest)],
+            "largest_multi_group": max([s for g, s in zip(groups, sizes) if len(g) > 1], default=0)}

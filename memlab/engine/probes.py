@@ -31,6 +31,7 @@ OWNERS = {
     "DeepSpeedZeroOptimizer_Stage3._create_param_groups_fp16_flat_cpu_memory": C.PARAM_CPU_FLAT,
     "DeepSpeedZeroOptimizer_Stage3.initialize_optimizer_states": C.OPTIMIZER_TRANSIENTS,
     "Init._partition_param": C.SMALL_PARTITIONS,
+    "AdaptiveParamPool._allocate": C.PARAM_POOL,  # memascend.pool=adaptive
 }
 # Components whose `used` bytes are the pool's occupancy, not the request.
 POOLS = {C.PARAM_POOL: "param", C.OPTIMIZER_POOL: "optimizer"}
@@ -151,13 +152,17 @@ class Probes:
     def refresh_param_pool(self):
         used = []
         for swapper in self.param_swappers:
-            per_buffer = int(swapper.aligned_elements_per_buffer) * swapper.swap_element_size
-            occupancy = [0] * swapper.param_buffer_count
+            if hasattr(swapper, "buffer_capacities"):  # memascend.pool=adaptive: sized per class
+                capacities = swapper.buffer_capacities()
+            else:
+                capacities = [int(swapper.aligned_elements_per_buffer) * swapper.swap_element_size] * \
+                    swapper.param_buffer_count
+            occupancy = [0] * len(capacities)
             for param_id, buffer_id in swapper.param_id_to_buffer_id.items():
                 occupancy[buffer_id] = swapper.param_id_to_numel[param_id] * swapper.swap_element_size
             for buffer_id in swapper.reserved_buffer_ids:  # held whole for the fp32 -> param write-out
-                occupancy[buffer_id] = per_buffer
-            used.append(([per_buffer] * swapper.param_buffer_count, occupancy))
+                occupancy[buffer_id] = capacities[buffer_id]
+            used.append((capacities, occupancy))
         if used:
             self.set_pool("param", [c for caps, _ in used for c in caps], [u for _, occ in used for u in occ])
 
@@ -283,6 +288,27 @@ def _hook_accelerator_pinning(probes):
         return out
 
     accelerator_cls.pin_memory = pin_memory
+    _hook_native_pin_frees(probes)
+
+
+def _hook_native_pin_frees(probes):
+    """DS_PIN_MEMORY_BACKEND=native frees by address (unpin, or a GC finalizer)."""
+    from deepspeed.utils import pin_memory as native
+
+    pins_cls = native.NativePinnedMemory
+    original_release = _require(pins_cls, "_release")
+    original_unpin = _require(pins_cls, "unpin")
+
+    def _release(handle, begin, *args, **kwargs):
+        probes.record_free(f"p{begin}")
+        return original_release(handle, begin, *args, **kwargs)
+
+    def unpin(self, tensor):
+        probes.record_free(f"p{getattr(tensor, 'ds_pin_base', None) or tensor.data_ptr()}")
+        return original_unpin(self, tensor)
+
+    pins_cls._release = staticmethod(_release)
+    pins_cls.unpin = unpin
 
 
 def pinned_reservation(tensor):

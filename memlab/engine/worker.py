@@ -145,15 +145,24 @@ class Worker:
         from transformers.integrations import HfDeepSpeedConfig
 
         from ..models import ModelSpec
+        from . import memascend
         from . import probes as probe_hooks
 
+        spec = ModelSpec.from_dict(self.request["model"])
+        from ..sizing import staging_plan
+
+        plan = staging_plan([t.numel for t in spec.tensors()], k["zero_optimization.sub_group_size"],
+                            k["memascend.staging_elements"])
+        context = {"model": spec, "probes": self.probes, "staging_plan": plan}
+        installed = memascend.install(k, context)  # before the probes wrap what they patch
+        if installed:
+            self.writer.emit("log", message=f"memascend: {', '.join(installed)}")
         if k["run.telemetry"]:
             probe_hooks.install(self.probes)
         self.check_stop()
 
         self.enter_phase("model_init")
         torch.manual_seed(k["run.seed"])
-        spec = ModelSpec.from_dict(self.request["model"])
         ds_config = self.request["ds_config"]
         deepspeed.init_distributed(dist_backend=self.request.get("dist_backend", "gloo"), verbose=False)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[k["run.dtype"]]

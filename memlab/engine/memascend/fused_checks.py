@@ -1,0 +1,61 @@
+"""Fused gradient checks: overflow flag and gradient norm without temporaries
+proportional to the gradient buffer.
+
+Stock DeepSpeed 0.19 (runtime/zero/stage3.py):
+- `has_overflow` runs `torch.isinf(buf).any()` then `torch.isnan(buf).any()`
+  over the whole CPU gradient flat buffer: two P-element bool temporaries;
+- `_constant_buffered_norm2` converts each gradient to fp64 in parts of
+  2.5e8 elements: an fp64 copy of up to 2 GB.
+Here both read the buffer in slices of CHUNK elements: the temporaries are
+bounded by the slice, whatever the model size.
+"""
+import torch
+
+CHUNK = 1 << 20  # elements per slice: 1 MiB of bool, 8 MiB of fp64 at most
+
+
+def has_inf_or_nan(tensor, chunk=CHUNK):
+    """True iff any element is inf or nan: the same flag as isinf().any() | isnan().any()."""
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), chunk):
+        if not torch.isfinite(flat[start:start + chunk]).all():
+            return True
+    return False
+
+
+def norm2(tensor, dtype=torch.float64, chunk=CHUNK):
+    """L2 norm accumulated in `dtype` slice by slice. Equals the stock
+    `_constant_buffered_norm2` to fp64 rounding: only the order in which the
+    partial sums of squares are added differs (relative error ~1e-16 x log2(n/chunk))."""
+    flat = tensor.reshape(-1)
+    total = torch.zeros((), dtype=dtype)
+    for start in range(0, flat.numel(), chunk):
+        total += torch.linalg.vector_norm(flat[start:start + chunk], dtype=dtype).square()
+    return total.sqrt()
+
+
+def install(knobs, context):
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.zero import stage3
+    from deepspeed.runtime.zero.utils import get_norm_dtype
+
+    from ..probes import _require
+
+    optimizer_cls = stage3.DeepSpeedZeroOptimizer_Stage3
+    original_has_overflow = _require(optimizer_cls, "has_overflow")
+    _require(optimizer_cls, "_constant_buffered_norm2")
+
+    def _constant_buffered_norm2(self, input, buffer_size=250000000):
+        return norm2(input, dtype=get_norm_dtype())
+
+    def has_overflow(self, partition_gradients=True):
+        if not partition_gradients:
+            return original_has_overflow(self, partition_gradients)
+        flag = torch.tensor([int(has_inf_or_nan(self.grad_partitions_flat_buffer))], dtype=torch.uint8,
+                            device=get_accelerator().current_device_name())  # NCCL reduces device tensors
+        stage3.dist.all_reduce(flag, op=stage3.dist.ReduceOp.MAX, group=self.dp_process_group)
+        self._model_parallel_all_reduce(tensor=flag, op=stage3.dist.ReduceOp.MAX)
+        return bool(flag[0].item())
+
+    optimizer_cls._constant_buffered_norm2 = _constant_buffered_norm2
+    optimizer_cls.has_overflow = has_overflow
