@@ -31,7 +31,7 @@ def load_knobs_file(path, engine):
         raise KnobError("--knobs", path, f"not readable JSON ({exc})")
     if isinstance(data, dict) and "engine" in data:
         knobs = Knobs.from_dict(data)
-        return knobs if engine is None else Knobs(knobs.flat(), engine=engine, passthrough=knobs.passthrough)
+        return knobs if engine is None else knobs.with_engine(engine)
     return Knobs.from_ds_config(data if isinstance(data, dict) else path, engine=engine or "deepspeed")
 
 

@@ -10,13 +10,14 @@ Knobs are immutable; `set()` returns a new Knobs. `resolve(model)` replaces
 "auto" values with numbers derived from the model and checks everything that
 needs the model (the traps DeepSpeed accepts and then crashes on).
 """
+import copy
 import difflib
 import json
 import os
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
-from .sizing import aligned_numel, largest_sub_group, staging_plan
+from .sizing import aligned_numel, largest_sub_group, staging_plan, swappable
 
 
 class KnobError(ValueError):
@@ -117,6 +118,9 @@ SPECS = [
     _k("memascend.staging_elements", AUTO, "int",
        "staging bound of memascend.optimizer_staging=bounded, in elements; auto = the largest sub-group of more "
        "than one parameter", minimum=1024, auto=True),
+    _k("memascend.storage_device", None, "path",
+       "raw block device for memascend.storage=direct (used only when named; its contents are overwritten)",
+       optional=True),
     # --- allocator environment (memlab)
     _k("allocator.DS_PIN_MEMORY_BACKEND", "torch", "choice", "DeepSpeed's pinning backend",
        choices=("torch", "native")),
@@ -133,6 +137,7 @@ MEMASCEND_SWITCHES = {
     "memascend.pinning": ("torch", "exact"),
     "memascend.grad_checks": ("stock", "fused"),
     "memascend.optimizer_staging": ("stock", "bounded"),
+    "memascend.storage": ("files", "direct"),
 }
 MEMASCEND_DOCS = {
     "memascend.pool": "parameter swap buffers sized by the partitions that use them, grown on demand",
@@ -140,8 +145,37 @@ MEMASCEND_DOCS = {
     "memascend.grad_checks": "overflow check and gradient norm in bounded slices, no buffer-sized temporaries",
     "memascend.optimizer_staging": "a one-parameter sub-group larger than the staging bound (the embedding) is "
                                    "stepped slice by slice through bounded buffers; no full-size first-step copy",
+    "memascend.storage": "all swapped tensors at fixed offsets in one preallocated region instead of a file each",
 }
 ENGINES = ("deepspeed", "memascend", "custom")
+
+
+# DeepSpeed zero_optimization keys that do not change host memory: memlab
+# keeps them and hands them back to DeepSpeed as they are.
+DS_ZERO_UNMODELED = frozenset({
+    "overlap_comm", "reduce_scatter", "allgather_partitions", "allgather_bucket_size", "round_robin_gradients",
+    "load_from_fp32_weights", "elastic_checkpoint", "ignore_unused_parameters", "legacy_stage1",
+    "stage3_gather_16bit_weights_on_model_save", "gather_16bit_weights_on_model_save",
+    "zero_hpz_partition_size", "zero_quantized_weights", "zero_quantized_nontrainable_weights",
+    "zero_quantized_gradients", "mics_shard_size", "mics_hierarchical_params_gather", "memory_efficient_linear",
+    "pipeline_loading_checkpoint", "override_module_apply", "log_trace_cache_warnings",
+    "use_all_reduce_for_fetch_params", "stage3_module_granularity_threshold", "module_granularity_threshold",
+    "use_multi_rank_bucket_allreduce", "round_robin_gradients", "cpu_offload", "cpu_offload_params",
+    "cpu_offload_use_pin_memory", "sub_group_buffer_count", "prefetch_bucket_size", "param_persistence_threshold",
+    "model_persistence_threshold", "max_live_parameters", "max_reuse_distance",
+    "offload_optimizer.super_offload", "offload_optimizer.cpuadam_cores_perc",
+})
+OPTIMIZERS = ("Adam", "AdamW")  # what DeepSpeedCPUAdam (and memlab's bounded staging) runs
+
+
+def _optimizer_section(value, source):
+    kind = value.get("type", "Adam")
+    if not isinstance(kind, str) or kind.lower() not in [o.lower() for o in OPTIMIZERS]:
+        raise KnobError(f"{source}:optimizer.type", kind, f"memlab runs {' or '.join(OPTIMIZERS)} (DeepSpeed's CPU Adam)")
+    params = value.get("params", {})
+    if not isinstance(params, dict):
+        raise KnobError(f"{source}:optimizer.params", params, "must be an object")
+    return {**value, "type": kind, "params": dict(params)}
 
 
 def _closest(name, candidates):
@@ -243,7 +277,7 @@ class Knobs:
             flat[name] = self._check(name, value)
         self._values = flat
         # ds_config keys memlab does not model, handed to DeepSpeed unchanged
-        self.passthrough = dict(passthrough or {})
+        self.passthrough = copy.deepcopy(dict(passthrough or {}))
 
     @staticmethod
     def _check(name, value):
@@ -275,6 +309,12 @@ class Knobs:
         merged.update({f"run.{k}": v for k, v in short.items()})
         return Knobs(merged, passthrough=self.passthrough)
 
+    def with_engine(self, engine):
+        """A copy with every memascend switch set as `engine` says (deepspeed: all
+        at DeepSpeed's behaviour, memascend: all on); other knobs unchanged."""
+        values = {n: v for n, v in self._values.items() if n not in MEMASCEND_SWITCHES}
+        return Knobs(values, engine=engine, passthrough=self.passthrough)
+
     @property
     def engine(self):
         """deepspeed (every switch at DeepSpeed's behaviour), memascend (all on) or custom."""
@@ -287,7 +327,7 @@ class Knobs:
         """Nested dict of every knob (JSON-safe), plus `engine` and `passthrough`."""
         out = {"engine": self.engine, **_nest(self._values)}
         if self.passthrough:
-            out["passthrough"] = self.passthrough
+            out["passthrough"] = copy.deepcopy(self.passthrough)
         return out
 
     def flat(self):
@@ -316,9 +356,10 @@ class Knobs:
     def from_ds_config(cls, config, engine="deepspeed"):
         """Knobs from a DeepSpeed config (dict or path to ds_config.json).
 
-        Sections memlab models are read knob by knob (an unknown key in them
-        is an error with a suggestion); other top-level keys are kept and
-        passed through to DeepSpeed unchanged."""
+        Knobs memlab models are read one by one (an unknown key is an error
+        with a suggestion). DeepSpeed keys memlab does not model (other
+        top-level sections, ZeRO keys such as overlap_comm, the optimizer's
+        other settings) are kept and handed back to DeepSpeed unchanged."""
         source = "ds_config"
         if not isinstance(config, dict):
             source = os.fspath(config)
@@ -333,28 +374,37 @@ class Knobs:
                 raise KnobError("ds_config", source, "must hold a JSON object")
         values, passthrough = {}, {}
         for key, value in config.items():
+            if key in ("zero_optimization", "aio", "data_types", "optimizer", "bf16", "fp16") and \
+                    not isinstance(value, dict):
+                raise KnobError(f"{source}:{key}", value, "must be an object")
             if key == "zero_optimization":
-                if not isinstance(value, dict):
-                    raise KnobError(f"{source}:zero_optimization", value, "must be an object")
-                stage = value.get("stage", 3)
+                stage = value.get("stage")
                 if stage != 3:
-                    raise KnobError(f"{source}:zero_optimization.stage", stage, "memlab runs ZeRO stage 3 only")
+                    raise KnobError(f"{source}:zero_optimization.stage", stage,
+                                    "memlab runs ZeRO stage 3 only; set it to 3")
+                zero_extra = {}
                 for name, v in _flatten(value, "zero_optimization.").items():
-                    if name in ("zero_optimization.stage", "zero_optimization.offload_param.nvme_path",
-                                "zero_optimization.offload_optimizer.nvme_path"):
+                    short = name[len("zero_optimization."):]
+                    if short in ("stage", "offload_param.nvme_path", "offload_optimizer.nvme_path"):
                         continue  # memlab creates each run's own swap folder
-                    values[name] = v
+                    if name not in SPEC_BY_NAME and short in DS_ZERO_UNMODELED:
+                        zero_extra[short] = v
+                    else:
+                        values[name] = v
+                if zero_extra:
+                    passthrough["zero_optimization"] = _nest(zero_extra)
             elif key in ("aio", "data_types"):
                 values.update(_flatten(value, key + "."))
             elif key == "train_micro_batch_size_per_gpu":
                 values["run.micro_batch"] = value
             elif key in ("bf16", "fp16"):
-                if isinstance(value, dict) and value.get("enabled"):
+                if value.get("enabled"):
                     values["run.dtype"] = key
-            elif key == "optimizer" and isinstance(value, dict):
-                lr = value.get("params", {}).get("lr")
-                if lr is not None:
-                    values["run.lr"] = lr
+            elif key == "optimizer":
+                optimizer = _optimizer_section(value, source)
+                if "lr" in optimizer["params"]:
+                    values["run.lr"] = optimizer["params"].pop("lr")
+                passthrough["optimizer"] = optimizer
             elif key in ("train_batch_size", "gradient_accumulation_steps"):
                 continue  # derived from run.micro_batch on one rank
             else:
@@ -364,6 +414,14 @@ class Knobs:
     def resolve(self, model):
         """Validate against a model and replace "auto"; returns ResolvedKnobs."""
         return ResolvedKnobs(self, model)
+
+
+def _merge(base, over):
+    """Nested dicts: `over` wins, sections merge."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 # ------------------------------------------------------------------ resolved
@@ -438,11 +496,13 @@ class ResolvedKnobs:
                 for key in ("buffer_count", "buffer_size", "max_in_cpu"):
                     section.pop(key)
             zero[part] = section
-        config = dict(self.knobs.passthrough)
+        config = copy.deepcopy(self.knobs.passthrough)
+        zero = _merge(config.pop("zero_optimization", {}), zero)
+        optimizer = config.pop("optimizer", {"type": "Adam", "params": {}})
         config.update({
             "train_micro_batch_size_per_gpu": v["run.micro_batch"],
             "gradient_accumulation_steps": 1,
-            "optimizer": {"type": "Adam", "params": {"lr": v["run.lr"]}},
+            "optimizer": {**optimizer, "params": {**optimizer["params"], "lr": v["run.lr"]}},
             "zero_optimization": zero,
             "aio": {n.split(".", 1)[1]: value for n, value in v.items() if n.startswith("aio.")},
             "zero_allow_untested_optimizer": True,
@@ -474,12 +534,36 @@ def _check_param_buffer_size(r):
                         f"{r.model.largest_tensor.name}); DeepSpeed fails at init")
 
 
+def swapped_tensors(r):
+    """Parameters that really go through NVMe: at least max(1 MiB, aio.block_size) bytes."""
+    element = DTYPE_BYTES[r["run.dtype"]]
+    return [t for t in r.model.tensors() if swappable(t.numel, element, r["aio.block_size"])]
+
+
+def _check_live_parameters(r):
+    live = r["zero_optimization.stage3_max_live_parameters"]
+    prefetch = r["zero_optimization.stage3_prefetch_bucket_size"]
+    if r.real_param_swapping and live > 0 and prefetch > 0:
+        # Read-ahead puts the parameter used last in forward and first in backward
+        # into one swap-in twice (measured: ids=[20, 20]).
+        raise KnobError("zero_optimization.stage3_max_live_parameters", live,
+                        "must be 0 when parameters swap through NVMe and stage3_prefetch_bucket_size > 0; "
+                        "otherwise step 2 fails with 'param N already assigned swap buffer'")
+
+
 def _check_reuse_distance(r):
     distance = r["zero_optimization.stage3_max_reuse_distance"]
-    if r.real_param_swapping and distance > 0:
+    if not r.real_param_swapping or distance == 0:
+        return
+    # Kept partitions hold their buffers: it runs only when every swapped
+    # tensor can keep one (measured: 30 swapped tensors fail at 5 buffers, run at 32).
+    needed = len(swapped_tensors(r)) + 2
+    count = r["zero_optimization.offload_param.buffer_count"]
+    if count < needed and not _adaptive_pool(r):
         raise KnobError("zero_optimization.stage3_max_reuse_distance", distance,
-                        "must be 0 when parameters swap through NVMe; otherwise gathered partitions keep their "
-                        "swap buffers and step 1 fails with 'Not enough buffers'")
+                        f"> 0 with parameters swapping through NVMe needs offload_param.buffer_count >= {needed} "
+                        f"(the {needed - 2} swapped tensors + 2), else step 2 fails with 'Not enough buffers'; "
+                        f"set it to 0")
 
 
 def _check_optimizer_buffers(r):
@@ -501,20 +585,23 @@ def _check_param_buffer_count(r):
     if not r.real_param_swapping or _adaptive_pool(r):
         return  # the adaptive pool grows on demand instead of asserting
     count = r["zero_optimization.offload_param.buffer_count"]
-    # One module's parameters are gathered together: a projection with a bias
-    # needs two buffers at once, and a demand fetch asserts instead of waiting.
-    needed = max(_params_per_module(r.model), 2)
+    needed = max(1, init_gather_group(swapped_tensors(r)))
     if count < needed:
         raise KnobError("zero_optimization.offload_param.buffer_count", count,
-                        f"at least {needed} buffers are needed to gather one module's parameters")
+                        f"at least {needed} buffers are needed: transformers initializes a module's swapped "
+                        f"parameters together (with its direct children's), else init fails with 'Not enough buffers'")
 
 
-def _params_per_module(model):
-    per_module = {}
-    for t in model.tensors():
+def init_gather_group(tensors):
+    """Most swapped tensors gathered at once by transformers' initialize_weights_zero3:
+    a module's own parameters plus those of its direct children."""
+    groups = {}
+    for t in tensors:
         module = t.name.rsplit(".", 1)[0]
-        per_module[module] = per_module.get(module, 0) + 1
-    return max(per_module.values())
+        parent = module.rsplit(".", 1)[0] if "." in module else ""
+        for group in {module, parent}:
+            groups[group] = groups.get(group, 0) + 1
+    return max(groups.values(), default=0)
 
 
 def _check_fast_init(r):
@@ -560,10 +647,17 @@ def _check_bounded_staging(r):
         raise KnobError("memascend.optimizer_staging", "bounded", "needs offload_optimizer.ratio 1.0")
 
 
+def _check_storage_device(r):
+    device = r.values.get("memascend.storage_device")
+    if device and r.values.get("memascend.storage") != "direct":
+        raise KnobError("memascend.storage_device", device, "needs memascend.storage=direct")
+
+
 def _check_adaptive_gds(r):
     if _adaptive_pool(r) and r["aio.use_gds"]:
         raise KnobError("memascend.pool", "adaptive", "not supported with aio.use_gds (GDS keeps the pool on the GPU)")
 
 
-CHECKS = [_check_param_buffer_size, _check_reuse_distance, _check_optimizer_buffers, _check_param_buffer_count,
-          _check_fast_init, _check_dtype, _check_gds, _check_adaptive_gds, _check_bounded_staging]
+CHECKS = [_check_param_buffer_size, _check_live_parameters, _check_reuse_distance, _check_optimizer_buffers, _check_param_buffer_count,
+          _check_fast_init, _check_dtype, _check_gds, _check_adaptive_gds, _check_bounded_staging,
+          _check_storage_device]

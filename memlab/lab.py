@@ -17,11 +17,12 @@ import threading
 import time
 
 from . import runs as R
-from .knobs import Knobs, KnobError
+from .runs import SWAP_MARKER
+from .knobs import DTYPE_BYTES, Knobs, KnobError
 from .models import ModelSpec
+from .sizing import nvme_footprint
 from .telemetry import decode_lines
 
-SWAP_MARKER = ".memlab-swap"  # memlab removes only folders that carry this marker
 FOLLOW_INTERVAL = 0.1
 
 
@@ -64,6 +65,54 @@ def check_swap_root(path):
     finally:
         if os.path.exists(probe):
             os.unlink(probe)
+
+
+def mounted_devices():
+    """Real paths of every block device that holds a mounted file system or swap."""
+    found = set()
+    for table, column in (("/proc/mounts", 0), ("/proc/swaps", 0)):
+        try:
+            with open(table) as f:
+                for line in f:
+                    source = line.split()[column]
+                    if source.startswith("/dev/"):
+                        found.add(os.path.realpath(source))
+        except OSError:
+            continue
+    return found
+
+
+def check_block_device(path):
+    """A raw device for memascend.storage=direct: named explicitly, a block
+    device, not mounted (nor a partition of it mounted), writable, O_DIRECT."""
+    import stat
+
+    knob = "memascend.storage_device"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise KnobError(knob, path, f"cannot use it ({exc.strerror})")
+    if not stat.S_ISBLK(mode):
+        raise KnobError(knob, path, "is not a block device")
+    real = os.path.realpath(path)
+    name = os.path.basename(real)
+    mounted = mounted_devices()
+    partitions = {os.path.realpath(os.path.join("/dev", p)) for p in _partitions(name)}
+    if real in mounted or partitions & mounted:
+        raise KnobError(knob, path, "is mounted (or holds a mounted partition); memlab never writes a mounted device")
+    if not os.access(path, os.W_OK):
+        raise KnobError(knob, path, "is not writable")
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_DIRECT))
+    except OSError as exc:
+        raise KnobError(knob, path, f"cannot be opened with O_DIRECT ({exc.strerror})")
+
+
+def _partitions(name):
+    try:
+        return [p for p in os.listdir(f"/sys/class/block/{name}") if p.startswith(name)]
+    except OSError:
+        return []
 
 
 class WorkerProcess:
@@ -139,11 +188,15 @@ class Lab:
         elif isinstance(knobs, (str, os.PathLike)):
             knobs = Knobs.from_ds_config(knobs, engine=engine or "deepspeed")
         elif engine is not None and engine != knobs.engine:
-            knobs = Knobs(knobs.flat(), engine=engine, passthrough=knobs.passthrough) if engine != "custom" else knobs
+            if engine == "custom":
+                raise KnobError("engine", engine, "set memascend.* switches one by one instead")
+            knobs = knobs.with_engine(engine)
         if overrides:
             knobs = knobs.set({k if "." in k else f"run.{k}": v for k, v in overrides.items()})
         spec = ModelSpec.resolve(model if model is not None else "tiny-llama")
         resolved = knobs.resolve(spec)
+        if resolved["memascend.storage_device"]:
+            check_block_device(resolved["memascend.storage_device"])
         if data is not None:
             _check_data(data, spec)
         return knobs, spec, resolved
@@ -170,6 +223,11 @@ class Lab:
             "model": spec.to_dict(),
             "ds_config": resolved.to_ds_config(swap_path),
             "swap_path": swap_path,
+            "region_bytes": nvme_footprint(
+                [t.numel for t in spec.tensors()], DTYPE_BYTES[resolved["run.dtype"]], resolved["aio.block_size"],
+                resolved["zero_optimization.sub_group_size"], resolved["aio.intra_op_parallelism"],
+                resolved["zero_optimization.offload_param.device"] == "nvme",
+                resolved["zero_optimization.offload_optimizer.device"] == "nvme"),
             "data": None if data is None else [r if isinstance(r, str) else list(r) for r in data],
         }
         with open(os.path.join(run_dir, "request.json"), "w") as f:

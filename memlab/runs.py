@@ -16,6 +16,7 @@ from .telemetry import PINNED_BACKENDS, decode_lines
 
 EVENTS_FILE = "events.jsonl"
 SUMMARY_FILE = "summary.json"
+SWAP_MARKER = ".memlab-swap"  # in each run's swap folder: memlab removes only folders that carry it
 
 
 class RunStoreError(ValueError):
@@ -180,18 +181,21 @@ class Run:
 # ------------------------------------------------------------------- summary
 
 def _peak_live_pinned(events):
-    """Walk alloc/free events: (peak reserved, peak used at that reservation level)
-    of pinned/locked buffers. `used` of exactly-sized buffers is their request;
-    pools report their own occupancy through step/sample events."""
-    live_reserved = 0
-    peak = 0
+    """Walk alloc/free events: (peak reserved, used at that moment) of pinned and
+    locked buffers. Here `used` counts exactly-sized buffers by their request and
+    pools as empty: their occupancy comes from samples and steps."""
+    live_reserved = live_used = 0
+    peak = used_at_peak = 0
     for event in events:
         if event["kind"] not in ("alloc", "free") or event["backend"] not in PINNED_BACKENDS:
             continue
         sign = 1 if event["kind"] == "alloc" else -1
         live_reserved += sign * event["reserved"]
-        peak = max(peak, live_reserved)
-    return peak
+        if event["component"] not in (C.PARAM_POOL, C.OPTIMIZER_POOL):
+            live_used += sign * event["requested"]
+        if live_reserved > peak:
+            peak, used_at_peak = live_reserved, live_used
+    return peak, used_at_peak
 
 
 def summarize(events, status=None, error=None):
@@ -216,7 +220,8 @@ def summarize(events, status=None, error=None):
 
     peak_rss = max([s["vm_hwm"] for s in samples] + [s["rss"] for s in samples] + [0])
     peak_sample = max(samples, key=lambda s: s["rss"]) if samples else None
-    peak_reserved = max([s.get("pinned_reserved", 0) for s in samples] + [_peak_live_pinned(events)])
+    alloc_peak, alloc_used = _peak_live_pinned(events)
+    peak_reserved = max([s.get("pinned_reserved", 0) for s in samples] + [alloc_peak])
     # Fragmentation at the moment of peak reservation: the best fill the
     # buffers reached while the reservation stood at its peak.
     used_at_peak = [
@@ -225,6 +230,8 @@ def summarize(events, status=None, error=None):
     used_at_peak += [
         st.get("pinned_used_peak", 0) for st in steps if st.get("pinned_reserved", 0) == peak_reserved and peak_reserved
     ]
+    if alloc_peak == peak_reserved and peak_reserved:
+        used_at_peak.append(alloc_used)
     peak_used = max([s.get("pinned_used", 0) for s in samples] + [st.get("pinned_used_peak", 0) for st in steps] + [0])
     fragmentation = (1.0 - max(used_at_peak) / peak_reserved) if used_at_peak else 0.0
     engine_peak = max(
@@ -270,9 +277,12 @@ def read_events(path):
 
 
 def write_summary(path, summary):
+    text = json.dumps(summary, indent=1)  # fails before any file is touched
     tmp = os.path.join(path, SUMMARY_FILE + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, os.path.join(path, SUMMARY_FILE))  # atomic: never a half-written summary
 
 
@@ -283,9 +293,13 @@ def load_run(path):
         raise RunStoreError(f"{path}: no such run folder")
     events = read_events(path)
     summary_path = os.path.join(path, SUMMARY_FILE)
+    summary = None
     if os.path.isfile(summary_path):
-        with open(summary_path) as f:
-            summary = json.load(f)
-    else:  # the parent died before writing it: rebuild from what the worker wrote
+        try:
+            with open(summary_path) as f:
+                summary = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            warnings.warn(f"memlab: {summary_path} is unreadable ({exc}); rebuilt from the events")
+    if summary is None:  # the parent died before writing it: rebuild from what the worker wrote
         summary = summarize(events)
     return Run(path, events, summary)

@@ -81,3 +81,20 @@ def staging_plan(numels, sub_group_size, staging_elements="auto"):
     return {"bound": bound, "streamed": streamed,
             "largest_kept_group": groups[keep] if keep is not None else [min(bound, largest)],
             "largest_multi_group": max([s for g, s in zip(groups, sizes) if len(g) > 1], default=0)}
+
+
+def nvme_footprint(numels, param_bytes, block_size, sub_group_size, intra_op_parallelism=1, params_on_nvme=True,
+                   optimizer_on_nvme=True):
+    """Bytes the swap files hold: swappable parameter partitions in the model
+    dtype, and per swappable sub-group its fp32 master, two Adam states and
+    gradient (DeepSpeed writes each aligned to 1024 x intra_op_parallelism bytes)."""
+    total = 0
+    if params_on_nvme:
+        total += sum(aligned_numel(n, param_bytes, intra_op_parallelism) * param_bytes
+                     for n in numels if swappable(n, param_bytes, block_size))
+    if optimizer_on_nvme:
+        for group in sub_groups(numels, sub_group_size):
+            size = sum(group)
+            if swappable(size, 4, block_size):
+                total += 4 * aligned_numel(size, 4, intra_op_parallelism) * 4
+    return total

@@ -55,8 +55,12 @@ def decode_lines(lines):
         if not line:
             continue
         try:
-            events.append(json.loads(line))
+            event = json.loads(line)
         except json.JSONDecodeError:
+            event = None
+        if isinstance(event, dict) and "kind" in event:
+            events.append(event)
+        else:  # not an event: garbage in the file
             dropped += 1
     return events, dropped
 
@@ -167,7 +171,7 @@ def page_cache_bytes(paths):
 class Sampler(threading.Thread):
     """Background thread emitting a `sample` event every `interval` seconds.
 
-    `attribute(rss)` is called on each tick and returns the fields the probes
+    `attribute(rss, page_cache)` is called on each tick and returns the fields the probes
     own (per-component bytes, pinned reserved/used). Page-cache residency of
     the swap files is read every `page_cache_every` ticks (it maps each file).
     """

@@ -16,7 +16,7 @@ import traceback
 from importlib import metadata
 
 from .. import components as C
-from ..runs import EVENTS_FILE, summarize
+from ..runs import EVENTS_FILE, SWAP_MARKER, summarize
 from ..telemetry import SCHEMA, EventWriter, Sampler, heap_free_bytes
 
 REQUEST_FILE = "request.json"
@@ -133,7 +133,8 @@ class Worker:
         folder = self.request.get("swap_path")
         if not folder or not os.path.isdir(folder):
             return []
-        return [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+        return [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+                if name != SWAP_MARKER]
 
     def train(self):
         k = self.knobs
@@ -153,7 +154,8 @@ class Worker:
 
         plan = staging_plan([t.numel for t in spec.tensors()], k["zero_optimization.sub_group_size"],
                             k["memascend.staging_elements"])
-        context = {"model": spec, "probes": self.probes, "staging_plan": plan}
+        context = {"model": spec, "probes": self.probes, "staging_plan": plan,
+                   "swap_path": self.request.get("swap_path"), "region_bytes": self.request.get("region_bytes", 0)}
         installed = memascend.install(k, context)  # before the probes wrap what they patch
         if installed:
             self.writer.emit("log", message=f"memascend: {', '.join(installed)}")
@@ -202,6 +204,7 @@ class Worker:
                 _malloc_trim()
             seconds = time.perf_counter() - started
             counters = self.probes.take_step_counters()
+            counters["swap_files"] = len(self._swap_files())  # files the swap folder holds (creations)
             value = float(loss.detach().float().item())
             self.writer.emit("step", index=self.step_index, seconds=round(seconds, 6), loss=value, **counters)
             print(f"memlab: step {self.step_index}/{k['run.steps']} loss {value:.4f} {seconds:.2f}s",

@@ -11,9 +11,10 @@ from ...knobs import MEMASCEND_SWITCHES
 def install(knobs, context):
     """Apply every switched-on optimization. `knobs` is the resolved flat dict;
     `context` carries what a module needs from the worker (model spec, probes)."""
-    from . import adaptive_pool, bounded_staging, exact_pinning, fused_checks
+    from . import adaptive_pool, bounded_staging, direct_storage, exact_pinning, fused_checks
 
     modules = {
+        "memascend.storage": direct_storage,
         "memascend.optimizer_staging": bounded_staging,
         "memascend.grad_checks": fused_checks,
         "memascend.pinning": exact_pinning,

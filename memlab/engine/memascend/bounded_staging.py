@@ -30,6 +30,7 @@ import os
 import torch
 
 from ..probes import _require
+from . import direct_storage
 
 STATE_NAMES = ("exp_avg", "exp_avg_sq")
 # Stage-3 steps that move a whole sub-group through the pool; a streamed
@@ -50,12 +51,12 @@ class StreamIO:
 
     def read(self, buffer, path, offset_bytes):
         self.probes.record_io("in", [buffer], [path])
-        assert self.handle.async_pread(buffer, path, offset_bytes) == 0
+        direct_storage.submit_read(self.handle, buffer, path, offset_bytes)
         self.pending += 1
 
     def write(self, buffer, path, offset_bytes):
         self.probes.record_io("out", [buffer], [path])
-        assert self.handle.async_pwrite(buffer, path, offset_bytes) == 0
+        direct_storage.submit_write(self.handle, buffer, path, offset_bytes)
         self.pending += 1
 
     def wait(self):
@@ -128,6 +129,7 @@ def install(knobs, context):
             if src.numel() <= self.largest_numel:
                 continue
             (path,) = self._get_swap_paths(parameters=[parameter], num_elems=[src.numel()])
+            direct_storage.reserve(path, self._io_aligned_numel(src.numel()) * src.element_size())
             io = StreamIO(aio_handle, probes)
             (buffer,) = self.swap_buffer_manager.allocate(num_elems=self.largest_numel, count=1, dtype=self.dtype)
             for start, length in slices(src.numel(), self.largest_numel):
@@ -201,11 +203,14 @@ def stream_sub_group(zero, sub_group_id, probes):
     param_path = param.nvme_swapper.get_path(param, must_exist=True)
     master_path = swap_info.get_swap_paths()[0]
     state_paths = [os.path.join(swapper.swap_folder, f"{swap_info.param_id}.{name}.memlab.swp") for name in STATE_NAMES]
-    first_step = not all(os.path.exists(p) for p in state_paths)
 
     group = zero.optimizer.param_groups[zero.sub_group_to_group_id[sub_group_id]]
     steps = zero.__dict__.setdefault("memlab_steps", {})
     steps[sub_group_id] = steps.get(sub_group_id, 0) + 1
+    first_step = steps[sub_group_id] == 1  # no state on disk yet: it starts as zeros
+    if first_step:
+        for path in state_paths:
+            direct_storage.reserve(path, swapper._io_aligned_numel(numel) * swapper.swap_element_size)
     beta1, beta2 = group["betas"]
     combined_scale = zero.loss_scale
     if zero.clip_grad > 0.:  # as in unscale_and_clip_grads

@@ -1,0 +1,209 @@
+"""Direct storage: every swapped tensor at a fixed, aligned offset inside one region.
+
+Stock DeepSpeed 0.19 keeps one swap file per tensor on a mounted file system
+(`<id>_param.tensor.swp`, `<id>.tensor.swp`, `<id>_gradient_<off>_<len>...`),
+created on first write and opened for every I/O operation. Here one region
+holds them all: a single preallocated file in the run's swap folder, or a raw
+block device the user names explicitly (`memascend.storage_device`; validated
+by the parent: a block device, writable, not mounted). An extent allocator
+maps each swap path DeepSpeed uses to (offset, size) in the region on its
+first write; reads and writes still go through DeepSpeed's aio handle
+(`async_pread/async_pwrite(buffer, region, offset)`), so the I/O engine is
+unchanged and no per-tensor file is ever created.
+
+One exception, forced by DeepSpeed 0.19.8: its aio read checks the target's
+size with stat(), which is 0 for a block device, and asserts (aborting the
+process). So on a raw device, reads are memlab's own O_DIRECT preadv, done at
+submission; the handle's `wait()` counts them with its own completions, so
+DeepSpeed's bookkeeping is unchanged. Writes go through aio on both.
+"""
+import ctypes
+import mmap
+import os
+import threading
+
+from ..probes import SWAP_MODULES, _require
+
+EXTENT_ALIGNMENT = 4096  # O_DIRECT-safe on any logical block size up to 4 KiB
+REGION_NAME = "memlab-region.swp"
+GROW_STEP = 256 << 20  # a region file grows by at least this much when it runs out
+
+
+class RegionFull(OSError):
+    pass
+
+
+class Region:
+    """The storage behind the extents: a file that can grow, or a fixed device."""
+
+    def __init__(self, path, initial_bytes, device=False):
+        self.path = path
+        self.device = device
+        self.fd = None
+        if device:
+            self.fd = os.open(path, os.O_RDWR | os.O_DIRECT)  # kept open for memlab's own reads
+            self.capacity = os.lseek(self.fd, 0, os.SEEK_END)
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, max(initial_bytes, EXTENT_ALIGNMENT))
+            finally:
+                os.close(fd)
+            self.capacity = max(initial_bytes, EXTENT_ALIGNMENT)
+
+    def ensure(self, end):
+        if end <= self.capacity:
+            return
+        if self.device:
+            raise RegionFull(f"memascend.storage_device {self.path}: {end} bytes needed, {self.capacity} available")
+        grown = max(end, self.capacity + GROW_STEP)
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, self.capacity, grown - self.capacity)
+        finally:
+            os.close(fd)
+        self.capacity = grown
+
+
+class ExtentMap:
+    """Swap path -> (offset, size) in the region; allocated once, never moved."""
+
+    def __init__(self, region):
+        self.region = region
+        self.extents = {}
+        self.next_offset = 0
+        self.lock = threading.Lock()
+
+    def reserve(self, path, nbytes):
+        """The extent of `path`, allocating `nbytes` (aligned) on first use."""
+        with self.lock:
+            extent = self.extents.get(path)
+            if extent is not None and extent[1] >= nbytes:
+                return extent
+            size = -(-int(nbytes) // EXTENT_ALIGNMENT) * EXTENT_ALIGNMENT
+            offset = self.next_offset
+            self.region.ensure(offset + size)
+            self.next_offset = offset + size
+            # a path rewritten larger than before moves to a new extent (DeepSpeed writes
+            # each swap tensor whole and at one size, so this does not happen in practice)
+            self.extents[path] = (offset, size)
+            return self.extents[path]
+
+    def locate(self, path, offset, nbytes):
+        """(region path, region offset) for bytes [offset, offset+nbytes) of `path`."""
+        base, size = self.reserve(path, offset + nbytes)
+        if offset + nbytes > size:
+            raise RegionFull(f"{path}: {offset + nbytes} bytes beyond its {size}-byte extent")
+        return self.region.path, base + offset
+
+
+ACTIVE = None  # the run's ExtentMap while direct storage is on (used by bounded staging)
+_sync_reads = {}  # id(aio handle) -> reads memlab completed itself, counted by the next wait()
+_aio_pending = {}  # id(aio handle) -> operations submitted to aio since the last wait()
+
+
+def read_into(fd, tensor, offset):
+    """O_DIRECT pread of tensor.nbytes at offset; through an aligned bounce buffer
+    when the tensor's address or size is not sector aligned."""
+    nbytes = tensor.nbytes
+    aligned = tensor.data_ptr() % 4096 == 0 and nbytes % 4096 == 0 and offset % 4096 == 0
+    if aligned:
+        view = (ctypes.c_char * nbytes).from_address(tensor.data_ptr())
+        done = os.preadv(fd, [view], offset)
+    else:
+        start = offset - offset % 4096
+        length = -(-(offset + nbytes - start) // 4096) * 4096
+        with mmap.mmap(-1, length) as bounce:  # anonymous maps are page aligned
+            done = os.preadv(fd, [bounce], start) - (offset - start)
+            ctypes.memmove(tensor.data_ptr(), ctypes.addressof(ctypes.c_char.from_buffer(bounce, offset - start)),
+                           nbytes)
+    if done < nbytes:
+        raise OSError(f"short read from the storage device: {done} of {nbytes} bytes")
+
+
+def submit_read(handle, buffer, path, offset=0):
+    """Read bytes of a swap path into buffer: aio, or memlab's own read on a raw device."""
+    target, region_offset = locate(path, offset, buffer.nbytes)
+    if ACTIVE is not None and ACTIVE.region.device:
+        read_into(ACTIVE.region.fd, buffer, region_offset)
+        _sync_reads[id(handle)] = _sync_reads.get(id(handle), 0) + 1
+        return
+    _check_aio_offset(path, region_offset)
+    assert handle.async_pread(buffer, target, region_offset) == 0
+    _aio_pending[id(handle)] = _aio_pending.get(id(handle), 0) + 1
+
+
+def submit_write(handle, buffer, path, offset=0):
+    target, region_offset = locate(path, offset, buffer.nbytes)
+    _check_aio_offset(path, region_offset)
+    assert handle.async_pwrite(buffer, target, region_offset) == 0
+    _aio_pending[id(handle)] = _aio_pending.get(id(handle), 0) + 1
+
+
+def _check_aio_offset(path, offset):
+    # aio opens with O_DIRECT: an unaligned file offset would read or write the wrong bytes silently
+    if offset % 512:
+        raise ValueError(f"{path}: I/O at offset {offset}, not a multiple of 512 bytes")
+
+
+def locate(path, offset, nbytes):
+    """Where bytes of a swap path live: the region under direct storage, else the file itself."""
+    if ACTIVE is None:
+        return path, offset
+    return ACTIVE.locate(path, offset, nbytes)
+
+
+def reserve(path, nbytes):
+    """Give a path written in slices (bounded staging) its whole extent up front."""
+    if ACTIVE is not None:
+        ACTIVE.reserve(path, nbytes)
+
+
+def install(knobs, context):
+    import importlib
+
+    global ACTIVE
+    device = knobs["memascend.storage_device"]
+    if device:
+        region = Region(device, 0, device=True)
+    else:
+        swap_path = context["swap_path"]
+        if not swap_path:
+            return  # nothing is swapped to NVMe in this run
+        region = Region(os.path.join(swap_path, REGION_NAME), context.get("region_bytes", 0))
+    ACTIVE = ExtentMap(region)
+
+    modules = [importlib.import_module(f"deepspeed.runtime.swap_tensor.{m}") for m in SWAP_MODULES]
+    _require(modules[0], "swap_in_tensors")
+    _require(modules[0], "swap_out_tensors")
+
+    def swap_in_tensors(handle, buffers, paths):
+        for buffer, path in zip(buffers, paths):
+            submit_read(handle, buffer, path)
+
+    def swap_out_tensors(handle, buffers, paths):
+        for buffer, path in zip(buffers, paths):
+            submit_write(handle, buffer, path)
+
+    if region.device:
+        _count_sync_reads_in_wait()
+
+    for module in modules:  # each module imported the functions by name
+        if hasattr(module, "swap_in_tensors"):
+            module.swap_in_tensors = swap_in_tensors
+        if hasattr(module, "swap_out_tensors"):
+            module.swap_out_tensors = swap_out_tensors
+
+
+def _count_sync_reads_in_wait():
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    handle_cls = AsyncIOBuilder().load(verbose=False).aio_handle
+    original_wait = _require(handle_cls, "wait")
+
+    def wait(self):
+        # aio's own wait asserts when nothing is pending: call it only for aio operations
+        completed = original_wait(self) if _aio_pending.pop(id(self), 0) else 0
+        return completed + _sync_reads.pop(id(self), 0)
+
+    handle_cls.wait = wait
