@@ -70,6 +70,16 @@ def _progress(run, new_events):
 
 
 def execute(args, report=False):
+    """One run from the arguments; returns the exit status."""
+    summary = run_and_print(args, report)
+    if summary["status"] != "ok":
+        print(f"memlab: run {summary['status']}: {summary['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_and_print(args, report=False):
+    """Start a run, follow it with a progress line per step, print its summary."""
     from .lab import Lab
     from .views.report import summary_table_text
 
@@ -90,9 +100,43 @@ def execute(args, report=False):
         print(json.dumps(summary, indent=1))
     else:
         print(summary_table_text(summary))
-    if summary["status"] != "ok":
-        print(f"memlab: run {summary['status']}: {summary['error']}", file=sys.stderr)
-        return 1
+    return summary
+
+
+DEMO_FIELDS = ("peak_rss_bytes", "peak_engine_host_bytes", "peak_pinned_reserved_bytes", "peak_pinned_used_bytes",
+               "fragmentation_at_peak", "step_time_median_s")
+
+
+def demo(args):
+    """The default preset twice: DeepSpeed's behaviour, then every MemAscend
+    optimization on; each run's summary and report, then the two side by side."""
+    from .knobs import MEMASCEND_DOCS
+    from .views.report import format_value
+
+    if args.engine is not None:
+        return execute(args, report=True)  # one engine asked for: one run
+    summaries = {}
+    for engine in ("deepspeed", "memascend"):
+        args.engine = engine
+        print(f"memlab: demo run with engine={engine}", file=sys.stderr, flush=True)
+        summaries[engine] = run_and_print(args, report=True)
+        if summaries[engine]["status"] != "ok":
+            print(f"memlab: run failed: {summaries[engine]['error']}", file=sys.stderr)
+            return 1
+    stock, optimized = summaries["deepspeed"], summaries["memascend"]
+    print("\nMemAscend vs DeepSpeed on this run:")
+    print(f"  {'':28s} {'deepspeed':>12s} {'memascend':>12s}  ratio")
+    for field in DEMO_FIELDS:
+        a, b = stock[field], optimized[field]
+        ratio = f"{b / a:.2f}" if a else "–"
+        print(f"  {field:28s} {format_value(field, a):>12s} {format_value(field, b):>12s}  {ratio}")
+    same = "identical" if stock["losses"] == optimized["losses"] else "DIFFERENT"
+    print(f"  losses: {same}")
+    print("  (the default preset is Binder-sized, so the engine's buffers are small; README.md has the\n"
+          "   same comparison on an embedding-heavy model: benchmarks/ablation.py)")
+    print("\nThe optimizations (memascend.* knobs, each on or off on its own):")
+    for name, text in MEMASCEND_DOCS.items():
+        print(f"  {name:30s} {text}")
     return 0
 
 
@@ -110,7 +154,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="one real offloaded fine-tuning run; prints its summary")
     _add_run_arguments(run)
-    demo = sub.add_parser("demo", help="a run on the default preset, with its HTML report")
+    demo = sub.add_parser("demo", help="the default preset with DeepSpeed's engine and with MemAscend's, "
+                                       "their HTML reports and a comparison")
     _add_run_arguments(demo)
     report = sub.add_parser("report", help="write the HTML report of a stored run")
     report.add_argument("run", help="run folder")
@@ -124,7 +169,7 @@ def main(argv=None):
         if args.command == "run":
             return execute(args)
         if args.command == "demo":
-            return execute(args, report=True)
+            return demo(args)
         if args.command == "report":
             return cmd_report(args)
     except (KnobError, ModelSpecError, ValueError, OSError) as exc:
