@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 
 # System packages DeepSpeed's ops need to build (libaio for async_io, a C++ compiler).
 need=()
-for pkg in libaio-dev g++ make; do
+pkgs=(libaio-dev g++ make)
+# The browser test drives Debian's chromium: Playwright cannot download its own browser here.
+case ",${MEMLAB_EXTRAS:-}," in *,test,*) pkgs+=(chromium) ;; esac
+for pkg in "${pkgs[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
