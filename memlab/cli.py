@@ -1,4 +1,4 @@
-"""memlab's command line: run | demo | report.
+"""memlab's command line: run | estimate | fit | demo | report.
 
 Exit status: 0 for a run that finished, 1 for a run that failed or was
 stopped, 2 for bad input (a one-line cause on stderr, nothing started).
@@ -10,6 +10,7 @@ import sys
 
 from .knobs import KnobError, Knobs
 from .models import ModelSpecError
+from .oplocks import StaleOpLock
 
 
 def _value(text):
@@ -46,6 +47,8 @@ def knobs_from_args(args):
         changes[key.strip()] = _value(text.strip())
     if args.steps is not None:
         changes["run.steps"] = args.steps
+    if getattr(args, "budget", None) is not None:
+        changes["run.budget"] = args.budget
     return knobs.set(changes) if changes else knobs
 
 
@@ -55,6 +58,8 @@ def _add_run_arguments(parser):
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="change one knob (repeatable)")
     parser.add_argument("--knobs", metavar="FILE.json", help="a memlab knobs file or a DeepSpeed ds_config.json")
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--budget", default=None, metavar="SIZE",
+                        help="host memory the worker may use, e.g. 6GiB; over it the run ends over_budget")
     parser.add_argument("--out", metavar="DIR", default=None, help="run store (default ./memlab-runs)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
 
@@ -140,6 +145,60 @@ def demo(args):
     return 0
 
 
+GIB = 1 << 30
+
+
+def _gib(text):
+    """--ram 128 / --ram 128GiB / --ram 64G / --ram 1.5T: a size in GiB unless a unit says otherwise."""
+    value = text.strip().lower().replace("ib", "").rstrip("b")
+    scale = GIB
+    for unit, factor in (("k", 1 << 10), ("m", 1 << 20), ("g", GIB), ("t", 1 << 40)):
+        if value.endswith(unit):
+            value, scale = value[:-1], factor
+            break
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size such as 128, 64GiB or 1.5T")
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
+    return int(number * scale)
+
+
+def _add_hardware_arguments(parser):
+    parser.add_argument("--ram", type=_gib, default=None, metavar="GIB", help="host RAM per node (budget)")
+    parser.add_argument("--gpus", type=int, default=0, help="GPUs per node (CUDA); 0 = DeepSpeed's CPU accelerator")
+    parser.add_argument("--gpu-mem", type=_gib, default=None, metavar="GIB", help="memory per GPU (budget)")
+    parser.add_argument("--ranks-per-node", type=int, default=None, help="ranks per node (default: GPUs, or 1)")
+    parser.add_argument("--nodes", type=int, default=1)
+
+
+def hardware_from_args(args):
+    from .sizing import Hardware
+
+    ranks = args.ranks_per_node if args.ranks_per_node is not None else max(1, args.gpus)
+    return Hardware(ram_bytes=args.ram, gpus=args.gpus, gpu_bytes=args.gpu_mem, ranks_per_node=ranks,
+                    nodes=args.nodes, accelerator="cuda" if args.gpus else "cpu")
+
+
+def cmd_estimate(args):
+    from .sizing import estimate
+
+    result = estimate(args.model, knobs_from_args(args), hardware_from_args(args))
+    print(json.dumps(result.to_dict(), indent=1) if args.json else result.table())
+    return 0
+
+
+def cmd_fit(args):
+    from .sizing import fit
+
+    engines = (args.engine,) if args.engine else ("deepspeed", "memascend")
+    report = fit(args.model, knobs_from_args(args), hardware_from_args(args), target=args.target,
+                 models=args.models, engines=engines, multiple_of=args.multiple_of)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.table())
+    return 0
+
+
 def cmd_report(args):
     from .runs import load_run
 
@@ -149,14 +208,31 @@ def cmd_report(args):
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line (memlab: error: ...), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"memlab: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="memlab", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="memlab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     run = sub.add_parser("run", help="one real offloaded fine-tuning run; prints its summary")
     _add_run_arguments(run)
     demo = sub.add_parser("demo", help="the default preset with DeepSpeed's engine and with MemAscend's, "
                                        "their HTML reports and a comparison")
     _add_run_arguments(demo)
+    est = sub.add_parser("estimate", help="predict host memory (and GPU, NVMe, I/O) of a configuration; runs nothing")
+    _add_run_arguments(est)
+    _add_hardware_arguments(est)
+    fitp = sub.add_parser("fit", help="the largest sequence length, micro batch or model that fits a RAM (and GPU) "
+                                      "budget, for DeepSpeed's engine and MemAscend's")
+    _add_run_arguments(fitp)
+    _add_hardware_arguments(fitp)
+    fitp.add_argument("--target", choices=("seq_len", "micro_batch", "model"), default="seq_len")
+    fitp.add_argument("--models", nargs="+", metavar="MODEL", help="candidates for --target model")
+    fitp.add_argument("--multiple-of", type=int, default=1, help="answer in multiples of this (e.g. 1024 tokens)")
     report = sub.add_parser("report", help="write the HTML report of a stored run")
     report.add_argument("run", help="run folder")
     report.add_argument("-o", "--output", default=None, help="HTML path (default RUN/report.html)")
@@ -172,7 +248,11 @@ def main(argv=None):
             return demo(args)
         if args.command == "report":
             return cmd_report(args)
-    except (KnobError, ModelSpecError, ValueError, OSError) as exc:
+        if args.command == "estimate":
+            return cmd_estimate(args)
+        if args.command == "fit":
+            return cmd_fit(args)
+    except (KnobError, ModelSpecError, ValueError, OSError, StaleOpLock) as exc:
         print(f"memlab: error: {exc}", file=sys.stderr)
         return 2
     return 2

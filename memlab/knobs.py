@@ -25,7 +25,8 @@ class KnobError(ValueError):
 
     def __init__(self, knob, value, reason):
         self.knob, self.value, self.reason = knob, value, reason
-        super().__init__(f"{knob}={value!r}: {reason}")
+        shown = knob if isinstance(knob, str) and knob.isprintable() else repr(knob)
+        super().__init__(f"{shown}={value!r}: {' '.join(str(reason).split())}")
 
 
 AUTO = "auto"
@@ -112,6 +113,8 @@ SPECS = [
     _k("run.lr", 1e-4, "float", "Adam learning rate", minimum=0.0),
     _k("run.swap_dir", None, "path", "folder under which each run gets its own swap folder "
        "(default $MEMLAB_SWAP_DIR or <tmp>/memlab-swap)", optional=True),
+    _k("run.budget", None, "bytes", "host memory the worker may use ('6GiB'); over it the run ends over_budget",
+       optional=True),
     _k("run.telemetry", True, "bool", "probes and sampler on (off only to measure their overhead)"),
     _k("run.sample_hz", 13.0, "float", "sampler frequency", minimum=1.0, maximum=50.0),
     # --- memascend settings that are not on/off switches
@@ -223,6 +226,13 @@ def _coerce(spec, value):
     elif spec.kind == "choice":
         if value not in spec.choices:
             raise KnobError(spec.name, value, f"must be one of {', '.join(map(str, spec.choices))}")
+    elif spec.kind == "bytes":
+        from .budget import parse_bytes
+
+        try:
+            value = parse_bytes(value)
+        except ValueError as exc:
+            raise KnobError(spec.name, value, str(exc))
     elif spec.kind in ("path", "str"):
         if not isinstance(value, (str, os.PathLike)):
             raise KnobError(spec.name, value, "must be a path")
@@ -411,9 +421,11 @@ class Knobs:
                 passthrough[key] = value
         return cls(values, engine=engine, passthrough=passthrough)
 
-    def resolve(self, model):
-        """Validate against a model and replace "auto"; returns ResolvedKnobs."""
-        return ResolvedKnobs(self, model)
+    def resolve(self, model, accelerator=None):
+        """Validate against a model and replace "auto"; returns ResolvedKnobs.
+        `accelerator` ("cpu" | "cuda") is the machine the checks assume; None
+        means this one (the what-if estimator sizes other machines)."""
+        return ResolvedKnobs(self, model, accelerator)
 
 
 def _merge(base, over):
@@ -436,9 +448,10 @@ class ResolvedKnobs:
     """Knobs with every "auto" replaced for one model, checked for the
     combinations DeepSpeed 0.19.8 accepts and then crashes on."""
 
-    def __init__(self, knobs, model):
+    def __init__(self, knobs, model, accelerator=None):
         self.knobs = knobs
         self.model = model
+        self.accelerator = accelerator
         values = knobs.flat()
         largest = max(partition_numels(model))
         for name in ("zero_optimization.offload_param.buffer_size", "zero_optimization.sub_group_size",
@@ -622,8 +635,13 @@ def _check_fast_init(r):
                         f"DeepSpeed asserts 'numel of fp16 buffers ... is too small'")
 
 
+def _cuda(r):
+    accelerator = getattr(r, "accelerator", None)
+    return _cuda_present() if accelerator is None else accelerator == "cuda"
+
+
 def _check_dtype(r):
-    if r["run.dtype"] == "fp16" and not _cuda_present():
+    if r["run.dtype"] == "fp16" and not _cuda(r):
         raise KnobError("run.dtype", "fp16", "fp16 training needs a GPU; on the CPU accelerator use fp32 or bf16")
 
 
@@ -633,7 +651,7 @@ def _cuda_present():
 
 
 def _check_gds(r):
-    if r["aio.use_gds"] and not _cuda_present():
+    if r["aio.use_gds"] and not _cuda(r):
         raise KnobError("aio.use_gds", True, "GPUDirect Storage needs a CUDA GPU")
 
 

@@ -16,11 +16,14 @@ import tempfile
 import threading
 import time
 
+from . import oplocks
 from . import runs as R
 from .runs import SWAP_MARKER
 from .knobs import DTYPE_BYTES, Knobs, KnobError
 from .models import ModelSpec
+from .budget import CgroupLimit, growing_component
 from .sizing import nvme_footprint
+from .telemetry import read_status
 from .telemetry import decode_lines
 
 FOLLOW_INTERVAL = 0.1
@@ -46,7 +49,8 @@ def free_port():
 
 def check_swap_root(path):
     """The swap root must be a writable folder on a file system with O_DIRECT
-    (DeepSpeed's aio opens every swap file with it)."""
+    (DeepSpeed's aio opens every swap file with it) that holds nothing but
+    memlab's own run folders: memlab never writes beside files it does not own."""
     knob = "run.swap_dir"
     try:
         os.makedirs(path, exist_ok=True)
@@ -56,6 +60,11 @@ def check_swap_root(path):
         raise KnobError(knob, path, "is not a folder")
     if not os.access(path, os.W_OK | os.X_OK):
         raise KnobError(knob, path, "is not writable")
+    foreign = sorted(name for name in os.listdir(path)
+                     if not os.path.isfile(os.path.join(path, name, SWAP_MARKER)))
+    if foreign:
+        raise KnobError(knob, path, f"holds files memlab did not create ({foreign[0]!r}); name an empty folder "
+                                    f"or one memlab made")
     probe = os.path.join(path, f".memlab-odirect-{os.getpid()}-{secrets.token_hex(2)}")
     try:
         fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600)
@@ -65,6 +74,38 @@ def check_swap_root(path):
     finally:
         if os.path.exists(probe):
             os.unlink(probe)
+
+
+def remove_orphaned_swap_folders(root):
+    """Swap folders of runs whose parent died without cleaning up (killed
+    notebook kernel): memlab made them (marker), nobody follows them anymore."""
+    for name in os.listdir(root):
+        folder = os.path.join(root, name)
+        marker = os.path.join(folder, SWAP_MARKER)
+        try:
+            with open(marker) as f:
+                owner = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        if not _alive(owner):
+            _remove_swap_folder(folder)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_free_space(path, needed, knob="run.swap_dir"):
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise KnobError(knob, path, f"has {free / 2**20:.0f} MiB free; this run swaps about "
+                                    f"{needed / 2**20:.0f} MiB to it")
 
 
 def mounted_devices():
@@ -118,12 +159,21 @@ def _partitions(name):
 class WorkerProcess:
     """The child process of one run."""
 
-    def __init__(self, argv, env, log_path):
+    def __init__(self, argv, env, log_path, budget=None, name="memlab"):
         self.log = open(log_path, "ab")
         # Own session: Stop and cleanup reach the worker and anything it started.
         self.popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=self.log,
                                       stderr=subprocess.STDOUT, start_new_session=True)
         self.stop_requested = False
+        self.over_budget = None  # (rss, by whom) once the budget was exceeded
+        self.budget = budget
+        self.cgroup = CgroupLimit.create(name, budget) if budget else None
+        if self.cgroup is not None:
+            try:
+                self.cgroup.add(self.popen.pid)
+            except OSError:
+                self.cgroup.remove()
+                self.cgroup = None
         self.max_rss_bytes = None  # the kernel's peak RSS of the worker, once it has exited
         self._poll_lock = threading.Lock()  # the follower and stop() both poll
 
@@ -142,6 +192,18 @@ class WorkerProcess:
                 self.popen.returncode = os.waitstatus_to_exitcode(status)
                 self.max_rss_bytes = usage.ru_maxrss * 1024  # Linux reports KiB
             return self.popen.returncode
+
+    def check_budget(self):
+        """Watchdog: kill the worker the moment its RSS passes the budget."""
+        if not self.budget or self.over_budget or self.poll() is not None:
+            return
+        try:
+            rss = read_status(self.popen.pid)["VmRSS"]
+        except (OSError, KeyError):
+            return
+        if rss > self.budget:
+            self.over_budget = (rss, "watchdog")
+            self._signal_group(signal.SIGKILL)
 
     def stop(self, timeout=30):
         """SIGTERM (the worker stops between phases), then SIGKILL the group."""
@@ -165,6 +227,11 @@ class WorkerProcess:
     def _reap_group(self):
         # Nothing the worker started may outlive the run.
         self._signal_group(signal.SIGKILL)
+        if self.cgroup is not None:
+            if self.over_budget is None and self.cgroup.oom_killed():
+                self.over_budget = (self.budget, "cgroup")
+            self.cgroup.remove()
+            self.cgroup = None
         if not self.log.closed:
             self.log.close()
 
@@ -195,6 +262,7 @@ class Lab:
             knobs = knobs.set({k if "." in k else f"run.{k}": v for k, v in overrides.items()})
         spec = ModelSpec.resolve(model if model is not None else "tiny-llama")
         resolved = knobs.resolve(spec)
+        oplocks.check()  # a killed op build would make the worker wait forever
         if resolved["memascend.storage_device"]:
             check_block_device(resolved["memascend.storage_device"])
         if data is not None:
@@ -213,9 +281,14 @@ class Lab:
         `overrides`: knob changes, `steps=5` or `**{"aio.block_size": 2**21}`."""
         knobs, spec, resolved = self.plan(knobs, model, engine, data, **overrides)
         run_id = new_run_id()
+        footprint = nvme_footprint(
+            [t.numel for t in spec.tensors()], DTYPE_BYTES[resolved["run.dtype"]], resolved["aio.block_size"],
+            resolved["zero_optimization.sub_group_size"], resolved["aio.intra_op_parallelism"],
+            resolved["zero_optimization.offload_param.device"] == "nvme",
+            resolved["zero_optimization.offload_optimizer.device"] == "nvme")
+        swap_path = self._make_swap_folder(resolved, run_id, footprint)  # checks the swap folder first
         run_dir = os.path.join(self.store, run_id)
         os.makedirs(run_dir)
-        swap_path = self._make_swap_folder(resolved, run_id)
         request = {
             "run_id": run_id,
             "knobs": resolved.values,
@@ -223,11 +296,7 @@ class Lab:
             "model": spec.to_dict(),
             "ds_config": resolved.to_ds_config(swap_path),
             "swap_path": swap_path,
-            "region_bytes": nvme_footprint(
-                [t.numel for t in spec.tensors()], DTYPE_BYTES[resolved["run.dtype"]], resolved["aio.block_size"],
-                resolved["zero_optimization.sub_group_size"], resolved["aio.intra_op_parallelism"],
-                resolved["zero_optimization.offload_param.device"] == "nvme",
-                resolved["zero_optimization.offload_optimizer.device"] == "nvme"),
+            "region_bytes": footprint,
             "data": None if data is None else [r if isinstance(r, str) else list(r) for r in data],
         }
         with open(os.path.join(run_dir, "request.json"), "w") as f:
@@ -235,9 +304,11 @@ class Lab:
         env = self._worker_env(resolved)
         try:
             process = WorkerProcess([sys.executable, "-m", "memlab.engine.worker", run_dir], env,
-                                    os.path.join(run_dir, "worker.log"))
+                                    os.path.join(run_dir, "worker.log"), budget=resolved["run.budget"],
+                                    name=f"memlab-{run_id}")
         except OSError:
             _remove_swap_folder(swap_path)
+            shutil.rmtree(run_dir, ignore_errors=True)  # memlab made it a moment ago; nothing ran
             raise
         run = R.Run(run_dir)
         run._process = process
@@ -249,16 +320,19 @@ class Lab:
             run.wait()
         return run
 
-    def _make_swap_folder(self, resolved, run_id):
+    def _make_swap_folder(self, resolved, run_id, needed=0):
         on_nvme = "nvme" in (resolved["zero_optimization.offload_param.device"],
                              resolved["zero_optimization.offload_optimizer.device"])
         if not on_nvme:
             return None
         root = os.path.abspath(resolved["run.swap_dir"] or default_swap_root())
         check_swap_root(root)
+        remove_orphaned_swap_folders(root)
+        check_free_space(root, needed)
         path = os.path.join(root, run_id)
         os.makedirs(path)  # unique per run: never shared, never pre-existing
-        open(os.path.join(path, SWAP_MARKER), "w").close()
+        with open(os.path.join(path, SWAP_MARKER), "w") as f:
+            f.write(f"{os.getpid()} {run_id}\n")  # who follows this run: its folder is orphaned once it is gone
         return path
 
     def _worker_env(self, resolved):
@@ -266,6 +340,7 @@ class Lab:
         env.update({
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
             "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "PYTHONUNBUFFERED": "1",
+            "MEMLAB_PARENT_PID": str(os.getpid()),
             "DS_PIN_MEMORY_BACKEND": resolved["allocator.DS_PIN_MEMORY_BACKEND"],
         })
         for name in ("MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_"):
@@ -299,20 +374,28 @@ class Lab:
             if events:
                 run._ingest(events)
 
+        disk_full = False
         try:
             while process.poll() is None:
                 read_new()
+                process.check_budget()
                 time.sleep(FOLLOW_INTERVAL)
             read_new()
             returncode = process.poll()
+            disk_full = no_space_left(swap_path)  # before our own files are removed
         finally:
             process._reap_group()
             _remove_swap_folder(swap_path)
         ended = any(e["kind"] == "run_end" for e in run.events)
         status = error = None
-        if not ended:
+        if process.over_budget is not None:
+            status, error = "over_budget", _budget_cause(process, run.events)
+        elif not ended:
             status = "stopped" if process.stop_requested else "failed"
             error = _death_cause(returncode, run.events, process.stop_requested)
+            if disk_full and not process.stop_requested:
+                # DeepSpeed's aio aborts the process on a failed write: name the real cause
+                error = f"no space left on {swap_path} ({error})"
         summary = R.summarize(run.events, status=status, error=error)
         R.write_summary(run.path, summary)
         run.worker_max_rss_bytes = process.max_rss_bytes
@@ -367,6 +450,13 @@ class Lab:
         return found
 
 
+def no_space_left(path):
+    """Is the file system of this swap folder (nearly) full?"""
+    if not path or not os.path.isdir(path):
+        return False
+    return shutil.disk_usage(path).free < 2 << 20
+
+
 def _remove_swap_folder(path):
     """Remove a run's swap folder, only if memlab created it (marker file)."""
     if path and os.path.isfile(os.path.join(path, SWAP_MARKER)):
@@ -383,6 +473,18 @@ def _death_cause(returncode, events, stop_requested):
         hint = " (out of memory?)" if name == "SIGKILL" else ""
         return f"worker killed by {name}{hint} {where}"
     return f"worker exited with status {returncode} without reporting why {where}"
+
+
+def _budget_cause(process, events):
+    from .views.figures import format_bytes
+
+    phase = next((e for e in reversed(events) if e["kind"] == "phase"), {})
+    samples = [e for e in events if e["kind"] == "sample"]
+    rss, by = process.over_budget
+    growing = growing_component(samples)
+    return (f"over the {format_bytes(process.budget)} budget at step {phase.get('step', 0)} "
+            f"({phase.get('name', 'start')}): RSS {format_bytes(max(rss, samples[-1]['rss'] if samples else 0))}"
+            f"{', growing: ' + growing if growing else ''} (stopped by the {by})")
 
 
 def _check_data(data, spec):

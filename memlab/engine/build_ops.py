@@ -2,28 +2,51 @@
 
 DeepSpeed compiles async_io, cpu_adam, pin_memory and the shared-memory comm
 op on first use (minutes on 2 cores). Doing it here means runs, tests and
-notebooks never pay for it.
+notebooks never pay for it; a worker that still finds one missing reports
+each build as it goes.
 """
 import sys
 import time
 
+from .. import oplocks
+
 OPS = ("AsyncIOBuilder", "CPUAdamBuilder", "PinMemoryBuilder", "ShareMemCommBuilder")
 
 
-def build_all(verbose=True):
+def _built(builder):
+    import glob
+    import os
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    folder = _get_build_directory(builder.name, verbose=False)
+    return bool(glob.glob(os.path.join(folder, "*.so")))
+
+
+def build_all(report=None, only_missing=False):
+    """Build (or load) every op memlab's runs use. `report(message)` gets a
+    line before and after each build; stale build locks fail loudly first."""
     from deepspeed.accelerator import get_accelerator
 
-    acc = get_accelerator()
+    report = report or (lambda message: print(f"memlab: {message}", file=sys.stderr, flush=True))
+    oplocks.check()
+    accelerator = get_accelerator()
     for name in OPS:
-        t0 = time.time()
-        builder = acc.create_op_builder(name)
+        builder = accelerator.create_op_builder(name)
         if builder is None or not builder.is_compatible(verbose=False):
-            print(f"memlab: {name} not available on {acc.device_name()}, skipped", file=sys.stderr)
+            report(f"{name} is not available on {accelerator.device_name()}, skipped")
             continue
-        print(f"memlab: building {builder.name} ...", file=sys.stderr, flush=True)
+        if only_missing and _built(builder):
+            continue
+        started = time.time()
+        report(f"building DeepSpeed op {builder.name} (first use; minutes on 2 cores) ...")
         builder.load(verbose=False)
-        print(f"memlab: {builder.name} ready ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+        report(f"DeepSpeed op {builder.name} ready ({time.time() - started:.0f} s)")
 
 
 if __name__ == "__main__":
-    build_all()
+    try:
+        build_all()
+    except oplocks.StaleOpLock as exc:
+        print(f"memlab: error: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -77,6 +77,10 @@ class Worker:
     def _on_stop_signal(self, signum, frame):
         self.stop_requested = True
 
+    def parent_gone(self):
+        parent = os.environ.get("MEMLAB_PARENT_PID")
+        return parent is not None and os.getppid() != int(parent)
+
     def check_stop(self):
         if self.stop_requested:
             raise StopRequested()
@@ -96,10 +100,13 @@ class Worker:
             self._start_probes()
             self.train()
         except StopRequested:
-            status, error = "stopped", f"stopped by the user at step {self.step_index} ({self.phase})"
+            who = "the parent process ended (kernel restarted or interrupted)" if self.parent_gone() else \
+                "stopped by the user"
+            status, error = "stopped", f"{who} at step {self.step_index} ({self.phase})"
         except BaseException as exc:  # DeepSpeed asserts included: report, then exit non-zero
             status = "failed"
-            error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500] + f" (phase {self.phase}, step {self.step_index})"
+            error = self._disk_full_cause() or f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            error += f" (phase {self.phase}, step {self.step_index})"
             self.writer.emit("error", message=error, traceback="".join(traceback.format_exc()).splitlines()[-25:],
                              phase=self.phase, step=self.step_index)
         finally:
@@ -109,7 +116,23 @@ class Worker:
         summary = summarize(self.writer.events, status=status, error=error)
         self.writer.emit("run_end", status=status, error=error, summary=summary)
         self.writer.close()
+        if self.parent_gone():
+            self._remove_own_swap_folder()  # nobody else is left to do it
         return 0 if status == "ok" else 1
+
+    def _disk_full_cause(self):
+        """DeepSpeed reports a failed aio write as a bare assert: name the real cause."""
+        from ..lab import no_space_left
+
+        folder = self.request.get("swap_path")
+        return f"no space left on {folder}" if no_space_left(folder) else None
+
+    def _remove_own_swap_folder(self):
+        import shutil
+
+        folder = self.request.get("swap_path")
+        if folder and os.path.isfile(os.path.join(folder, SWAP_MARKER)):
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _start_probes(self):
         from .probes import Probes
@@ -146,7 +169,9 @@ class Worker:
         from transformers.integrations import HfDeepSpeedConfig
 
         from ..models import ModelSpec
-        from . import memascend
+        from . import build_ops, memascend
+
+        build_ops.build_all(report=lambda message: self.writer.emit("log", message=message), only_missing=True)
         from . import probes as probe_hooks
 
         spec = ModelSpec.from_dict(self.request["model"])
@@ -267,12 +292,25 @@ def _malloc_trim():
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def die_with_parent():
+    """Ask the kernel for SIGTERM when the parent dies (a notebook kernel that is
+    restarted or killed), so the worker never outlives whoever follows it."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, STOP_SIGNAL)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m memlab.engine.worker RUN_DIR", file=sys.stderr)
         return 2
-    return Worker(argv[0]).run()
+    die_with_parent()
+    worker = Worker(argv[0])
+    if worker.parent_gone():  # the parent died before the request above was registered
+        worker.stop_requested = True
+    return worker.run()
 
 
 if __name__ == "__main__":

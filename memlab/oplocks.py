@@ -1,0 +1,51 @@
+"""Stale locks in torch's extension cache, where DeepSpeed builds its ops.
+
+torch's FileBaton marks a build in progress with a `lock` file in the op's
+build folder and deletes it when the build ends. A build killed midway leaves
+the file, and every later build or load of that op then waits forever,
+silently. A lock is stale when no live process works in that folder (ninja
+and the compiler run with it as their working directory). memlab did not
+create those files, so it does not delete them: it says exactly what to do.
+"""
+import glob
+import os
+
+
+class StaleOpLock(RuntimeError):
+    pass
+
+
+def extensions_root():
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions")
+
+
+def _busy_folders():
+    """Real paths of the working directories of every live process."""
+    busy = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                busy.add(os.path.realpath(os.readlink(f"/proc/{pid}/cwd")))
+            except OSError:
+                continue
+    return busy
+
+
+def stale_locks(root=None):
+    """Lock files under the extension cache that no live build holds."""
+    root = root or extensions_root()
+    locks = glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock"))
+    if not locks:
+        return []
+    busy = _busy_folders()
+    return sorted(lock for lock in locks if os.path.realpath(os.path.dirname(lock)) not in busy)
+
+
+def check(root=None):
+    """Raise StaleOpLock with the command that clears it, if any lock is stale."""
+    stale = stale_locks(root)
+    if stale:
+        raise StaleOpLock(
+            f"a DeepSpeed op build was killed midway and left {stale[0]}; every run would wait for it forever. "
+            f"No build is running there: remove it with `rm {' '.join(stale)}` and run again (the op rebuilds)")
