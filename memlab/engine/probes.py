@@ -448,6 +448,7 @@ def attribute_engine_buffers(probes, engine):
     (pin_memory off, or the CPU accelerator's no-op pinning), and register the
     measures of device-side tensors that live in host RAM."""
     optimizer = engine.optimizer
+    _forget_moved_partitions(probes, [p for p in engine.module.parameters() if hasattr(p, "ds_status")])
     grad_flat = getattr(optimizer, "grad_partitions_flat_buffer", None)
     if grad_flat is not None and grad_flat.device.type == "cpu":
         probes.record_alloc(C.GRAD_FLAT, grad_flat.nbytes, grad_flat.nbytes, "pageable",
@@ -471,6 +472,19 @@ def attribute_engine_buffers(probes, engine):
                    and b.buffer.device.type == "cpu")
 
     probes.extra_activations += [gathered_params, reduce_buckets]
+
+
+def _forget_moved_partitions(probes, params):
+    """Partitions pinned at Init whose data stage3 then moved into a CPU flat buffer
+    (offload_param.device=cpu, or max_in_cpu): on the CPU accelerator their pin was
+    a no-op, so no free is ever seen; their records would count the bytes twice
+    (and block a later buffer that reuses the address)."""
+    current = {f"p{p.ds_tensor.data_ptr()}" for p in params if getattr(p, "ds_tensor", None) is not None}
+    with probes.lock:
+        stale = [key for key, fields in probes.live.items()
+                 if fields["component"] == C.SMALL_PARTITIONS and fields["backend"] == "pageable" and key not in current]
+    for key in stale:
+        probes.record_free(key)
 
 
 def _attribute_cpu_optimizer_state(probes, optimizer):
