@@ -113,6 +113,10 @@ SPECS = [
     _k("run.lr", 1e-4, "float", "Adam learning rate", minimum=0.0),
     _k("run.swap_dir", None, "path", "folder under which each run gets its own swap folder "
        "(default $MEMLAB_SWAP_DIR or <tmp>/memlab-swap)", optional=True),
+    _k("run.ranks", 1, "int", "ranks per node, started by DeepSpeed's launcher when above 1", minimum=1,
+       maximum=64),
+    _k("run.hostfile", None, "path", "DeepSpeed hostfile for several nodes (each line: host slots=N)",
+       optional=True),
     _k("run.budget", None, "bytes", "host memory the worker may use ('6GiB'); over it the run ends over_budget",
        optional=True),
     _k("run.telemetry", True, "bool", "probes and sampler on (off only to measure their overhead)"),

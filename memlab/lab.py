@@ -156,8 +156,22 @@ def _partitions(name):
         return []
 
 
+def worker_command(resolved, run_dir, port):
+    """One rank: the worker itself. Several ranks or nodes: DeepSpeed's own
+    launcher, which starts one worker per rank with RANK, LOCAL_RANK and
+    WORLD_SIZE set (and on several nodes reaches them through its hostfile)."""
+    worker = ["-m", "memlab.engine.worker", run_dir]
+    ranks, hostfile = resolved["run.ranks"], resolved["run.hostfile"]
+    if ranks == 1 and hostfile is None:
+        return [sys.executable, *worker]
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", port]
+    if hostfile is not None:
+        command += ["--hostfile", hostfile]
+    return command + ["--module", "memlab.engine.worker", run_dir]
+
+
 class WorkerProcess:
-    """The child process of one run."""
+    """The child process of one run (the worker, or the launcher of its ranks)."""
 
     def __init__(self, argv, env, log_path, budget=None, name="memlab"):
         self.log = open(log_path, "ab")
@@ -197,13 +211,23 @@ class WorkerProcess:
         """Watchdog: kill the worker the moment its RSS passes the budget."""
         if not self.budget or self.over_budget or self.poll() is not None:
             return
-        try:
-            rss = read_status(self.popen.pid)["VmRSS"]
-        except (OSError, KeyError):
-            return
+        rss = self.group_rss()
         if rss > self.budget:
             self.over_budget = (rss, "watchdog")
             self._signal_group(signal.SIGKILL)
+
+    def group_rss(self):
+        """RSS of the worker and everything it started (all ranks under the launcher)."""
+        total = 0
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                if os.getpgid(int(pid)) == self.popen.pid:
+                    total += read_status(pid)["VmRSS"]
+            except (OSError, KeyError):
+                continue
+        return total
 
     def stop(self, timeout=30):
         """SIGTERM (the worker stops between phases), then SIGKILL the group."""
@@ -298,12 +322,13 @@ class Lab:
             "swap_path": swap_path,
             "region_bytes": footprint,
             "data": None if data is None else [r if isinstance(r, str) else list(r) for r in data],
+            "t0": time.monotonic(),  # every rank's events count time from here (one clock per machine)
         }
         with open(os.path.join(run_dir, "request.json"), "w") as f:
             json.dump(request, f, indent=1)
         env = self._worker_env(resolved)
         try:
-            process = WorkerProcess([sys.executable, "-m", "memlab.engine.worker", run_dir], env,
+            process = WorkerProcess(worker_command(resolved, run_dir, env["MASTER_PORT"]), env,
                                     os.path.join(run_dir, "worker.log"), budget=resolved["run.budget"],
                                     name=f"memlab-{run_id}")
         except OSError:
@@ -355,24 +380,22 @@ class Lab:
         return env
 
     def _follow(self, run, process, swap_path):
-        events_path = os.path.join(run.path, R.EVENTS_FILE)
-        offset, partial = 0, ""
+        offsets, partials = {}, {}  # events file -> bytes read, torn tail kept for the next read
 
         def read_new():
-            nonlocal offset, partial
-            if not os.path.exists(events_path):
-                return
-            with open(events_path) as f:
-                f.seek(offset)
-                chunk = f.read()
-                offset = f.tell()
-            if not chunk:
-                return
-            lines = (partial + chunk).splitlines(keepends=True)
-            partial = lines.pop() if not lines[-1].endswith("\n") else ""
-            events, _ = decode_lines(lines)
-            if events:
-                run._ingest(events)
+            new = []
+            for path in R.rank_files(run.path).values():
+                with open(path) as f:
+                    f.seek(offsets.get(path, 0))
+                    chunk = f.read()
+                    offsets[path] = f.tell()
+                if not chunk:
+                    continue
+                lines = (partials.get(path, "") + chunk).splitlines(keepends=True)
+                partials[path] = lines.pop() if not lines[-1].endswith("\n") else ""
+                new += decode_lines(lines)[0]
+            if new:
+                run._ingest(R.sort_events(new))
 
         disk_full = False
         try:
@@ -386,13 +409,17 @@ class Lab:
         finally:
             process._reap_group()
             _remove_swap_folder(swap_path)
-        ended = any(e["kind"] == "run_end" for e in run.events)
+        expected = range(run_ranks(run))
+        unreported = [r for r in expected if not any(e["kind"] == "run_end" and e.get("rank", 0) == r
+                                                     for e in run.events)]
         status = error = None
         if process.over_budget is not None:
             status, error = "over_budget", _budget_cause(process, run.events)
-        elif not ended:
+        elif unreported:
             status = "stopped" if process.stop_requested else "failed"
             error = _death_cause(returncode, run.events, process.stop_requested)
+            if len(expected) > 1:
+                error = f"rank {', '.join(map(str, unreported))} ended without reporting why; {error}"
             if disk_full and not process.stop_requested:
                 # DeepSpeed's aio aborts the process on a failed write: name the real cause
                 error = f"no space left on {swap_path} ({error})"
@@ -448,6 +475,15 @@ class Lab:
             except (R.RunStoreError, OSError, ValueError) as exc:
                 warnings.warn(f"memlab: skipping {path}: {exc}")
         return found
+
+
+def run_ranks(run):
+    """Ranks a run was started with (on this node)."""
+    try:
+        with open(os.path.join(run.path, "request.json")) as f:
+            return json.load(f)["knobs"].get("run.ranks", 1)
+    except (OSError, ValueError, KeyError):
+        return 1
 
 
 def no_space_left(path):

@@ -7,6 +7,7 @@ Run that `load_run` rebuilds come from the same events through the same
 """
 import json
 import os
+import re
 import statistics
 import threading
 import warnings
@@ -14,7 +15,7 @@ import warnings
 from . import components as C
 from .telemetry import PINNED_BACKENDS, decode_lines
 
-EVENTS_FILE = "events.jsonl"
+EVENTS_FILE = "events.jsonl"  # rank 0 (and single-rank runs); rank r > 0 writes events.rank<r>.jsonl
 SUMMARY_FILE = "summary.json"
 SWAP_MARKER = ".memlab-swap"  # in each run's swap folder: memlab removes only folders that carry it
 
@@ -126,12 +127,28 @@ class Run:
         return self.start.get("model", {})
 
     @property
+    def ranks(self):
+        """Ranks that reported events (one for a single-rank run)."""
+        with self._lock:
+            return sorted(_ranks(self.events))
+
+    @property
     def timeline(self):
+        """The node's timeline: every rank's samples summed (one rank: its own)."""
+        if len(self.ranks) > 1:
+            with self._lock:
+                return Timeline(node_samples(self.events))
         return Timeline(self._of_kind("sample"))
+
+    def rank_timelines(self):
+        """rank -> that rank's own Timeline."""
+        samples = self._of_kind("sample")
+        return {r: Timeline([s for s in samples if s.get("rank", 0) == r]) for r in self.ranks}
 
     @property
     def steps(self):
-        return self._of_kind("step")
+        """Step events (rank 0's in a multi-rank run: each rank steps together)."""
+        return [e for e in self._of_kind("step") if e.get("rank", 0) == 0]
 
     @property
     def allocations(self):
@@ -200,7 +217,64 @@ def _peak_live_pinned(events):
 
 def summarize(events, status=None, error=None):
     """The summary of DESIGN.md from a run's events. `status`/`error` override
-    what the events say (a worker that died wrote no run_end)."""
+    what the events say (a worker that died wrote no run_end). A run of several
+    ranks is summarized per rank and for the node (see summarize_ranks)."""
+    ranks = sorted(_ranks(events))
+    if len(ranks) > 1:
+        return summarize_ranks(events, ranks, status, error)
+    return summarize_one(events, status, error)
+
+
+NODE_PEAKS = ("rss", "vm_lck", "pinned_reserved", "pinned_used")
+
+
+def node_samples(events):
+    """The node's timeline: at each sample of any rank, every rank's latest
+    sample summed (so a peak is the peak of the sum, not the sum of peaks)."""
+    latest, out = {}, []
+    for event in events:
+        if event["kind"] != "sample":
+            continue
+        latest[event.get("rank", 0)] = event
+        combined = {"t": event["t"], "kind": "sample", "ranks": len(latest)}
+        for field in NODE_PEAKS + ("vm_hwm", "page_cache", "io_read", "io_write"):
+            combined[field] = sum(s.get(field, 0) for s in latest.values())
+        components = {}
+        for s in latest.values():
+            for name, value in s.get("components", {}).items():
+                components[name] = components.get(name, 0) + value
+        combined["components"] = components
+        out.append(combined)
+    return out
+
+
+def summarize_ranks(events, ranks, status=None, error=None):
+    """Node figures over all ranks, plus each rank's own summary under `ranks`.
+    Losses and step times are rank 0's (each rank trains on its own batches);
+    swap bytes are the node's (summed)."""
+    per_rank = {r: summarize_one([e for e in events if e.get("rank", 0) == r]) for r in ranks}
+    if status is None:
+        failing = [(r, s) for r, s in per_rank.items() if s["status"] != "ok"]
+        status = failing[0][1]["status"] if failing else "ok"
+        if failing and error is None:
+            error = f"rank {failing[0][0]}: {failing[0][1]['error']}"
+    samples = node_samples(events)
+    node = summarize_one([e for e in events if e.get("rank", 0) == 0 and e["kind"] != "sample"] + samples,
+                         status, error)
+    # the kernel's high-water mark is per process: the node's peak is the peak of the summed RSS
+    node["peak_rss_bytes"] = max([s["rss"] for s in samples] + [0])
+    node["swap_read_bytes_per_step"] = sum(s["swap_read_bytes_per_step"] for s in per_rank.values())
+    node["swap_write_bytes_per_step"] = sum(s["swap_write_bytes_per_step"] for s in per_rank.values())
+    node["ranks"] = {str(r): {k: s[k] for k in ("status", "peak_rss_bytes", "peak_vm_lck_bytes",
+                                                "peak_engine_host_bytes", "peak_pinned_reserved_bytes",
+                                                "step_time_median_s", "losses", "error")}
+                     for r, s in per_rank.items()}
+    node["peak_rss_rank"] = max(per_rank, key=lambda r: per_rank[r]["peak_rss_bytes"])
+    return node
+
+
+def summarize_one(events, status=None, error=None):
+    """The summary of one process's events."""
     start = next((e for e in events if e["kind"] == "run_start"), {})
     end = next((e for e in reversed(events) if e["kind"] == "run_end"), None)
     samples = [e for e in events if e["kind"] == "sample"]
@@ -264,16 +338,42 @@ def summarize(events, status=None, error=None):
 
 # ------------------------------------------------------------------- store
 
+def events_file(rank):
+    return EVENTS_FILE if rank == 0 else f"events.rank{rank}.jsonl"
+
+
+def rank_files(path):
+    """rank -> events file of every rank present in a run folder."""
+    found = {}
+    for name in os.listdir(path):
+        match = re.fullmatch(r"events(?:\.rank(\d+))?\.jsonl", name)
+        if match:
+            found[int(match.group(1) or 0)] = os.path.join(path, name)
+    return dict(sorted(found.items()))
+
+
 def read_events(path):
-    """Events of a run folder; a torn tail (crashed writer) is dropped with a warning."""
-    events_path = os.path.join(path, EVENTS_FILE)
-    if not os.path.isfile(events_path):
+    """Events of a run folder, every rank's, in time order; a torn tail (crashed
+    writer) is dropped with a warning."""
+    if not os.path.isfile(os.path.join(path, EVENTS_FILE)):
         raise RunStoreError(f"{path}: not a memlab run (no {EVENTS_FILE})")
-    with open(events_path) as f:
-        events, dropped = decode_lines(f)
-    if dropped:
-        warnings.warn(f"memlab: {events_path}: {dropped} incomplete line(s) ignored (the run was cut off)")
-    return events
+    merged = []
+    for rank, events_path in rank_files(path).items():
+        with open(events_path) as f:
+            events, dropped = decode_lines(f)
+        if dropped:
+            warnings.warn(f"memlab: {events_path}: {dropped} incomplete line(s) ignored (the run was cut off)")
+        merged += events
+    return sort_events(merged)
+
+
+def sort_events(events):
+    """Events of several ranks interleaved by time; a rank's own order is kept."""
+    return sorted(events, key=lambda e: (e.get("t", 0), e.get("rank", 0))) if _ranks(events) != {0} else events
+
+
+def _ranks(events):
+    return {e.get("rank", 0) for e in events}
 
 
 def write_summary(path, summary):

@@ -68,16 +68,21 @@ def decode_lines(lines):
 class EventWriter:
     """Append-only, line-buffered writer; safe to call from several threads."""
 
-    def __init__(self, path, clock_start=None):
+    def __init__(self, path, clock_start=None, rank=None):
         self._f = open(path, "a", buffering=1)
         self._lock = threading.Lock()
+        # CLOCK_MONOTONIC is one clock for every process of a machine: ranks
+        # started from the same clock_start share a time axis.
         self.t0 = time.monotonic() if clock_start is None else clock_start
+        self.rank = rank  # tags every event of a multi-rank run
 
     def now(self):
         return time.monotonic() - self.t0
 
     def emit(self, kind, **fields):
         event = {"t": round(self.now(), 4), "kind": kind, **fields}
+        if self.rank is not None:
+            event["rank"] = self.rank
         line = encode(event)
         with self._lock:
             if not self._f.closed:

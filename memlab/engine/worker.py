@@ -16,7 +16,7 @@ import traceback
 from importlib import metadata
 
 from .. import components as C
-from ..runs import EVENTS_FILE, SWAP_MARKER, summarize
+from ..runs import SWAP_MARKER, events_file, summarize
 from ..telemetry import SCHEMA, EventWriter, Sampler, heap_free_bytes
 
 REQUEST_FILE = "request.json"
@@ -30,8 +30,8 @@ class StopRequested(Exception):
 class RecordingWriter(EventWriter):
     """EventWriter that keeps what it wrote, so the worker can summarize itself."""
 
-    def __init__(self, path):
-        super().__init__(path)
+    def __init__(self, path, clock_start=None, rank=None):
+        super().__init__(path, clock_start, rank)
         self.events = []
 
     def emit(self, kind, **fields):
@@ -66,7 +66,12 @@ class Worker:
         with open(os.path.join(run_dir, REQUEST_FILE)) as f:
             self.request = json.load(f)
         self.knobs = self.request["knobs"]  # resolved, flat: dotted name -> value
-        self.writer = RecordingWriter(os.path.join(run_dir, EVENTS_FILE))
+        # Under DeepSpeed's launcher each rank is one worker with RANK/WORLD_SIZE set.
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        multi = self.world_size > 1
+        self.writer = RecordingWriter(os.path.join(run_dir, events_file(self.rank)),
+                                      clock_start=self.request.get("t0"), rank=self.rank if multi else None)
         self.stop_requested = False
         self.phase = "start"
         self.step_index = 0
@@ -78,8 +83,18 @@ class Worker:
         self.stop_requested = True
 
     def parent_gone(self):
+        """Is the process that follows this run (the lab) gone? Under the
+        launcher the lab is not the direct parent, so ask whether it lives."""
         parent = os.environ.get("MEMLAB_PARENT_PID")
-        return parent is not None and os.getppid() != int(parent)
+        if parent is None:
+            return False
+        try:
+            os.kill(int(parent), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
 
     def check_stop(self):
         if self.stop_requested:
@@ -116,7 +131,7 @@ class Worker:
         summary = summarize(self.writer.events, status=status, error=error)
         self.writer.emit("run_end", status=status, error=error, summary=summary)
         self.writer.close()
-        if self.parent_gone():
+        if self.parent_gone() and self.rank == 0:
             self._remove_own_swap_folder()  # nobody else is left to do it
         return 0 if status == "ok" else 1
 
@@ -142,6 +157,8 @@ class Worker:
             return  # step events only: the baseline of the overhead benchmark
 
         def attribute(rss, page_cache):
+            if self.parent_gone():
+                self.stop_requested = True  # stops at the next phase boundary
             fields = self.probes.attribute(rss, page_cache, heap_free_bytes())
             for pool in self.probes.pool_events():
                 self.writer.emit("pool", **pool)
@@ -216,7 +233,7 @@ class Worker:
         for index in range(k["run.steps"]):
             self.step_index = index + 1
             input_ids = next(batches)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             self.enter_phase("forward")
             loss = engine(input_ids=input_ids, labels=input_ids).loss
             self.enter_phase("backward")
@@ -229,11 +246,14 @@ class Worker:
                 _malloc_trim()
             seconds = time.perf_counter() - started
             counters = self.probes.take_step_counters()
+            # CPU seconds of every thread of the worker (sampler included): the
+            # cost of work, steadier than wall time on a shared machine
+            counters["cpu_seconds"] = round(time.process_time() - cpu_started, 6)
             counters["swap_files"] = len(self._swap_files())  # files the swap folder holds (creations)
             value = float(loss.detach().float().item())
             self.writer.emit("step", index=self.step_index, seconds=round(seconds, 6), loss=value, **counters)
-            print(f"memlab: step {self.step_index}/{k['run.steps']} loss {value:.4f} {seconds:.2f}s",
-                  file=sys.stderr, flush=True)
+            print(f"memlab: rank {self.rank} step {self.step_index}/{k['run.steps']} loss {value:.4f} "
+                  f"{seconds:.2f}s", file=sys.stderr, flush=True)
             self.check_stop()
         self.enter_phase("done")
 
@@ -242,7 +262,7 @@ class Worker:
         k = self.knobs
         shape = (k["run.micro_batch"], k["run.seq_len"])
         data = self.request.get("data")
-        generator = torch.Generator().manual_seed(k["run.seed"])
+        generator = torch.Generator().manual_seed(k["run.seed"] + self.rank)  # each rank its own batches
         if data is None:
             while True:
                 yield torch.randint(0, spec.vocab_size, shape, generator=generator)
@@ -303,6 +323,7 @@ def die_with_parent():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    argv = [a for a in argv if not a.startswith("--local_rank")]  # DeepSpeed's launcher adds it; RANK says the same
     if len(argv) != 1:
         print("usage: python -m memlab.engine.worker RUN_DIR", file=sys.stderr)
         return 2

@@ -216,12 +216,23 @@ def memory_traces(run, max_points=MAX_POINTS):
             hovertemplate=f"<b>{name}</b>: %{{y:{digits}}} {unit}<br>t = %{{x:.1f}} s<br>"
                           f"<i>{_description(name)}</i><extra></extra>",
         ))
+    ranks = run.ranks if hasattr(run, "ranks") else [0]
     traces.append(go.Scatter(
-        x=x, y=_scaled(_take(tl.rss, idx), divisor), name=RSS, mode="lines",
-        line=dict(color=RSS_COLOR, width=2),
+        x=x, y=_scaled(_take(tl.rss, idx), divisor), name=RSS if len(ranks) == 1 else "rss (node)",
+        mode="lines", line=dict(color=RSS_COLOR, width=2),
         hovertemplate=f"<b>rss</b>: %{{y:{digits}}} {unit}<br>t = %{{x:.1f}} s<br>"
-                      "<i>resident set size of the worker</i><extra></extra>",
+                      + ("<i>resident set size of the worker</i>" if len(ranks) == 1 else
+                         "<i>sum over the ranks: the node's peak is the peak of this line</i>")
+                      + "<extra></extra>",
     ))
+    if len(ranks) > 1:  # one line per rank beside the node's total
+        for rank, rank_tl in run.rank_timelines().items():
+            keep = downsample_indices([rank_tl.rss], max_points)
+            traces.append(go.Scatter(
+                x=_take(rank_tl.t, keep), y=_scaled(_take(rank_tl.rss, keep), divisor), name=f"rss rank {rank}",
+                mode="lines", line=dict(width=1.5, dash="dot"),
+                hovertemplate=f"<b>rank {rank}</b>: %{{y:{digits}}} {unit}<br>t = %{{x:.1f}} s<extra></extra>",
+            ))
     traces.append(go.Scatter(
         x=x, y=_scaled(_take(tl.page_cache, idx), divisor), name=C.PAGE_CACHE, mode="lines",
         line=dict(color=COMPONENT_COLORS[C.PAGE_CACHE], width=2, dash="dash"),

@@ -34,6 +34,8 @@ FIELDS = (
     ("swap_read_bytes_per_step", "bytes read from the NVMe swap files per step (mean)"),
     ("swap_write_bytes_per_step", "bytes written to the NVMe swap files per step (mean)"),
     ("error", "why the run did not finish (empty when it did)"),
+    ("ranks", "each rank's own peaks (multi-rank runs; the fields above are the node's: peak of the sum)"),
+    ("peak_rss_rank", "the rank with the highest peak RSS"),
 )
 MEANINGS = dict(FIELDS)
 
@@ -86,6 +88,10 @@ def format_value(field, value):
     if field == "components_at_peak":
         lines = _component_lines(value) if isinstance(value, dict) else []
         return f"{len(lines)} components" if lines else "–"
+    if field == "ranks" and isinstance(value, dict):
+        return "; ".join(f"rank {rank}: {F.format_bytes(r.get('peak_rss_bytes', 0))} peak RSS, "
+                         f"{F.format_bytes(r.get('peak_engine_host_bytes', 0))} engine, {r.get('status')}"
+                         for rank, r in value.items())
     if isinstance(value, (dict, list)):
         return json.dumps(value)
     return str(value)
@@ -93,7 +99,7 @@ def format_value(field, value):
 
 def _ordered_fields(summary):
     """The known fields in reading order, then any field this code does not know yet."""
-    known = [f for f, _ in FIELDS]
+    known = [f for f, _ in FIELDS if f in summary or f not in ("ranks", "peak_rss_rank")]
     return known + [f for f in summary if f not in MEANINGS]
 
 
