@@ -248,8 +248,14 @@ def node_samples(events):
     return out
 
 
+def rank_hosts(events):
+    """rank -> host name, from each rank's run_start."""
+    return {e.get("rank", 0): e.get("host", {}).get("hostname", "") for e in events if e["kind"] == "run_start"}
+
+
 def summarize_ranks(events, ranks, status=None, error=None):
-    """Node figures over all ranks, plus each rank's own summary under `ranks`.
+    """Node figures (the busiest node's, ranks grouped by host), each node's peak
+    RSS under `nodes`, and each rank's own summary under `ranks`.
     Losses and step times are rank 0's (each rank trains on its own batches);
     swap bytes are the node's (summed)."""
     per_rank = {r: summarize_one([e for e in events if e.get("rank", 0) == r]) for r in ranks}
@@ -258,11 +264,16 @@ def summarize_ranks(events, ranks, status=None, error=None):
         status = failing[0][1]["status"] if failing else "ok"
         if failing and error is None:
             error = f"rank {failing[0][0]}: {failing[0][1]['error']}"
-    samples = node_samples(events)
+    hosts = rank_hosts(events)
+    by_node = {host: node_samples([e for e in events if hosts.get(e.get("rank", 0)) == host])
+               for host in sorted(set(hosts.values()))}
+    busiest = max(by_node, key=lambda h: max([s["rss"] for s in by_node[h]] + [0]))
+    samples = by_node[busiest]  # the node whose summed RSS peaks highest sets the node figures
     node = summarize_one([e for e in events if e.get("rank", 0) == 0 and e["kind"] != "sample"] + samples,
                          status, error)
     # the kernel's high-water mark is per process: the node's peak is the peak of the summed RSS
     node["peak_rss_bytes"] = max([s["rss"] for s in samples] + [0])
+    node["nodes"] = {host: max([s["rss"] for s in node_samples_] + [0]) for host, node_samples_ in by_node.items()}
     node["swap_read_bytes_per_step"] = sum(s["swap_read_bytes_per_step"] for s in per_rank.values())
     node["swap_write_bytes_per_step"] = sum(s["swap_write_bytes_per_step"] for s in per_rank.values())
     node["ranks"] = {str(r): {k: s[k] for k in ("status", "peak_rss_bytes", "peak_vm_lck_bytes",

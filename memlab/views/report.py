@@ -36,6 +36,7 @@ FIELDS = (
     ("error", "why the run did not finish (empty when it did)"),
     ("ranks", "each rank's own peaks (multi-rank runs; the fields above are the node's: peak of the sum)"),
     ("peak_rss_rank", "the rank with the highest peak RSS"),
+    ("nodes", "each node's peak RSS, summed over its ranks (multi-rank runs)"),
 )
 MEANINGS = dict(FIELDS)
 
@@ -92,6 +93,8 @@ def format_value(field, value):
         return "; ".join(f"rank {rank}: {F.format_bytes(r.get('peak_rss_bytes', 0))} peak RSS, "
                          f"{F.format_bytes(r.get('peak_engine_host_bytes', 0))} engine, {r.get('status')}"
                          for rank, r in value.items())
+    if field == "nodes" and isinstance(value, dict):
+        return "; ".join(f"{host or 'this node'}: {F.format_bytes(peak)}" for host, peak in value.items())
     if isinstance(value, (dict, list)):
         return json.dumps(value)
     return str(value)
@@ -99,7 +102,7 @@ def format_value(field, value):
 
 def _ordered_fields(summary):
     """The known fields in reading order, then any field this code does not know yet."""
-    known = [f for f, _ in FIELDS if f in summary or f not in ("ranks", "peak_rss_rank")]
+    known = [f for f, _ in FIELDS if f in summary or f not in ("ranks", "peak_rss_rank", "nodes")]
     return known + [f for f in summary if f not in MEANINGS]
 
 
