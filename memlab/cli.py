@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from .knobs import KnobError, Knobs
+from .knobs import KnobError, Knobs, read_json_object
 from .models import ModelSpecError
 from .oplocks import StaleOpLock
 
@@ -23,17 +23,11 @@ def _value(text):
 
 def load_knobs_file(path, engine):
     """A memlab knobs file (has "engine") or a DeepSpeed ds_config.json."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise KnobError("--knobs", path, "no such file")
-    except (OSError, json.JSONDecodeError) as exc:
-        raise KnobError("--knobs", path, f"not readable JSON ({exc})")
-    if isinstance(data, dict) and "engine" in data:
+    data = read_json_object(path, "--knobs")
+    if "engine" in data:
         knobs = Knobs.from_dict(data)
         return knobs if engine is None else knobs.with_engine(engine)
-    return Knobs.from_ds_config(data if isinstance(data, dict) else path, engine=engine or "deepspeed")
+    return Knobs.from_ds_config(data, engine=engine or "deepspeed")
 
 
 def knobs_from_args(args):

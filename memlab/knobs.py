@@ -250,6 +250,25 @@ def _coerce(spec, value):
     return value
 
 
+def read_json_object(path, knob):
+    """The JSON object in a file; KnobError naming `knob` and the path otherwise."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise KnobError(knob, path, "no such file")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise KnobError(knob, path, f"not readable JSON ({exc})")
+    if not isinstance(data, dict):
+        raise KnobError(knob, path, "must hold a JSON object")
+    return data
+
+
+def flatten(nested, prefix=""):
+    """Nested dicts as dotted names: {"aio": {"block_size": 1}} -> {"aio.block_size": 1}."""
+    return _flatten(nested, prefix)
+
+
 def _flatten(nested, prefix=""):
     flat = {}
     for key, value in nested.items():
@@ -377,15 +396,7 @@ class Knobs:
         source = "ds_config"
         if not isinstance(config, dict):
             source = os.fspath(config)
-            try:
-                with open(source) as f:
-                    config = json.load(f)
-            except FileNotFoundError:
-                raise KnobError("ds_config", source, "no such file")
-            except (OSError, json.JSONDecodeError) as exc:
-                raise KnobError("ds_config", source, f"not readable JSON ({exc})")
-            if not isinstance(config, dict):
-                raise KnobError("ds_config", source, "must hold a JSON object")
+            config = read_json_object(source, "ds_config")
         values, passthrough = {}, {}
         for key, value in config.items():
             if key in ("zero_optimization", "aio", "data_types", "optimizer", "bf16", "fp16") and \

@@ -10,6 +10,7 @@ import os
 import plotly.offline
 
 from .. import components as C
+from ..knobs import flatten
 from ..runs import summarize
 from . import figures as F
 
@@ -43,18 +44,6 @@ MEANINGS = dict(FIELDS)
 
 # ------------------------------------------------------------------ values
 
-def _flatten(knobs, prefix=""):
-    """Nested knobs as dotted keys: zero_optimization.offload_param.buffer_count."""
-    out = {}
-    for key, value in knobs.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def _component_lines(at_peak):
     """(component, formatted bytes) in chart order, unknown names last, zeros left out."""
     names = list(C.ALL) + sorted(set(at_peak) - set(C.ALL))
@@ -85,7 +74,7 @@ def format_value(field, value):
     if field == "losses":
         return _losses_text(value)
     if field == "knobs":
-        return f"{len(_flatten(value))} settings" if isinstance(value, dict) else str(value)
+        return f"{len(flatten(value))} settings" if isinstance(value, dict) else str(value)
     if field == "components_at_peak":
         lines = _component_lines(value) if isinstance(value, dict) else []
         return f"{len(lines)} components" if lines else "–"
@@ -209,8 +198,8 @@ def _knobs_html(summary):
     knobs = summary.get("knobs")
     if not isinstance(knobs, dict) or not knobs:
         return ""
-    rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(json.dumps(v))}</td></tr>" for k, v in sorted(_flatten(knobs).items()))
-    return (f"<details><summary>knobs ({len(_flatten(knobs))} settings)</summary>"
+    rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(json.dumps(v))}</td></tr>" for k, v in sorted(flatten(knobs).items()))
+    return (f"<details><summary>knobs ({len(flatten(knobs))} settings)</summary>"
             f"<table class='knobs'><tbody>{rows}</tbody></table></details>")
 
 
