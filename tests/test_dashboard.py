@@ -2,6 +2,7 @@
 comm message, so knob validation, history rows, the state after a real run and
 the refresh throttling (messages per refresh, refreshes per second) are checked
 in plain pytest. The real browser test is tests/browser/."""
+import html
 import json
 import os
 import threading
@@ -119,10 +120,15 @@ def test_bad_values_are_shown_next_to_their_knob_before_anything_starts(lab):
 
 def test_combination_traps_land_on_the_knob_named_by_the_plan(lab):
     dash = lab.dashboard()
-    reuse = dash.fields["zero_optimization.stage3_max_reuse_distance"]
-    reuse.control.value = "1000"
-    assert "Not enough buffers" in reuse.message.value and dash.run_button.disabled
-    reuse.control.value = "0"
+    # whatever trap the plan names, its message lands next to that knob
+    optimizer = dash.fields["zero_optimization.offload_optimizer.buffer_count"]
+    optimizer.control.value = "2"
+    with pytest.raises(K.KnobError) as refused:
+        lab.plan(dash.request()[0])
+    assert refused.value.knob == optimizer.name
+    assert html.escape(refused.value.reason) in optimizer.message.value and dash.run_button.disabled
+    optimizer.control.value = "4"
+    assert optimizer.message.value == "" and not dash.run_button.disabled
     dash.set({"zero_optimization.offload_param.buffer_size": 1000})
     assert "largest parameter partition" in dash.fields["zero_optimization.offload_param.buffer_size"].message.value
     dash.set({"zero_optimization.offload_param.buffer_size": "auto"})

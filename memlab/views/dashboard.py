@@ -55,10 +55,12 @@ SECTIONS = (
         "zero_optimization.stage3_prefetch_bucket_size",
         "zero_optimization.reduce_bucket_size",
     )),
-    ("Async I/O and allocator", (
+    ("Async I/O (aio)", (
         "aio.block_size",
         "aio.queue_depth",
         "aio.intra_op_parallelism",
+    )),
+    ("Allocator", (
         "allocator.DS_PIN_MEMORY_BACKEND",
         "allocator.MALLOC_ARENA_MAX",
         "allocator.malloc_trim",
@@ -231,6 +233,20 @@ def pool_strip_trace(run, fullest=False):
     )
 
 
+def _live_traces(traces):
+    """The traces the live chart keeps, matched by name at every refresh: the
+    node's RSS line is always `rss`, per-rank lines of multi-rank runs stay in
+    `run.plot()` (the dashboard shows the node's total)."""
+    out = []
+    for trace in traces:
+        if trace.name and trace.name.startswith("rss rank"):
+            continue
+        if trace.name == "rss (node)":
+            trace.name = F.RSS
+        out.append(trace)
+    return out
+
+
 class LiveChart:
     """One FigureWidget holding every live view of a run, redrawn with one
     `batch_update`: host memory stacked by component (top), pinned reserved vs
@@ -287,7 +303,7 @@ class LiveChart:
 
     def _add(self, fig, group, traces, row, col, legend, secondary_y=False):
         start = len(fig.data)
-        for trace in traces:
+        for trace in _live_traces(traces):
             if legend is not None:
                 trace.update(legend=legend)
             if group in ("pinned", "fragmentation") and trace.name == F.STEPS:
@@ -317,8 +333,12 @@ class LiveChart:
         empty = not len(run.timeline)
         with fig.batch_update():
             for group, traces in fresh.items():
-                for index, trace in zip(self.groups[group], traces):
+                by_name = {t.name: t for t in _live_traces(traces)}
+                for index in self.groups[group]:
                     target = fig.data[index]
+                    trace = by_name.get(target.name)
+                    if trace is None:
+                        continue
                     keys = ("x", "y", "text", "z", "customdata") if group == "pools" else ("x", "y", "text")
                     if group == "pools" and target.hovertemplate != trace.hovertemplate:
                         keys += ("hovertemplate",)
@@ -382,17 +402,18 @@ class KnobField:
         self.name = name
         self.spec = spec
         doc = description or (spec.doc if spec else "")
-        label = W.HTML(f"<span title='{html.escape(name)}: {html.escape(doc)}'>{html.escape(short_knob(name))}</span>",
-                       layout=W.Layout(width="190px"))
+        # The section says where a knob lives; the label is its last name part, the tooltip its full name.
+        label = W.HTML(f"<span title='{html.escape(name)}: {html.escape(doc)}'>{html.escape(name.split('.')[-1])}"
+                       "</span>", layout=W.Layout(width="185px"))
         if choices is not None:
-            self.control = W.Dropdown(options=choices, value=value, layout=W.Layout(width="140px"))
+            self.control = W.Dropdown(options=choices, value=value, layout=W.Layout(width="150px"))
         elif spec.kind == "bool":
-            self.control = W.Checkbox(value=bool(value), indent=False, layout=W.Layout(width="140px"))
+            self.control = W.Checkbox(value=bool(value), indent=False, layout=W.Layout(width="150px"))
         elif spec.kind == "choice":
             options = list(spec.choices) if not spec.optional else [("(default)", None)] + list(spec.choices)
-            self.control = W.Dropdown(options=options, value=value, layout=W.Layout(width="140px"))
+            self.control = W.Dropdown(options=options, value=value, layout=W.Layout(width="150px"))
         else:
-            self.control = W.Text(value="" if value is None else str(value), layout=W.Layout(width="140px"),
+            self.control = W.Text(value="" if value is None else str(value), layout=W.Layout(width="150px"),
                                   continuous_update=False, placeholder="auto" if spec.auto else "")
         self.control.add_class("memlab-knob")
         self.control.add_class("memlab-knob-" + name.replace(".", "-").replace("_", "-"))
