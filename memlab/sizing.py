@@ -465,15 +465,12 @@ def _heap_parts(spec, full, e, T, checkpointing, cpu_checkpointing, largest_grad
     layer = [T * h * FP32, T * FP32, T * h * e, T * h * e] * 2 + [T * q * e] * 2 + [T * kv * e] * 2 + [
         T * spec.num_heads * FP32] + [T * i * e] * 4
 
-    def capped(nbytes):  # activations: at most the threshold each, so the estimate grows monotonically with tokens
-        return min(nbytes, limit)
-
-    per_layer = sum(capped(b) for b in layer)
+    per_layer = sum(heap(b) for b in layer)
     if checkpointing:
-        saved = (0 if cpu_checkpointing else spec.num_layers * capped(T * h * e)) + per_layer
+        saved = (0 if cpu_checkpointing else spec.num_layers * heap(T * h * e)) + per_layer
     else:
         saved = spec.num_layers * per_layer
-    saved += 2 * capped(T * spec.vocab_size * FP32)
+    saved += 2 * heap(T * spec.vocab_size * FP32)  # the logits and log_softmax's output
     return params, optimizer, saved
 
 
@@ -544,12 +541,23 @@ def _estimate(spec, view, r, hw):
     swapped = [params_nvme and n >= swap_floor for n in parts]
 
     # -- how much of the model stays in a CPU flat buffer (max_in_cpu trap) -------------------
+    # stage3 gives the leading sub-groups that fit in min(P, max_in_cpu) elements a place in the flat buffer
+    # (_create_fp16_partitions_with_defragmentation): their partitions, small ones too, move there
     if params_nvme:
         max_in_cpu = v["zero_optimization.offload_param.max_in_cpu"]
         flat_elements = min(P, max_in_cpu)
         real_swapping = P > max_in_cpu
     else:
         flat_elements, real_swapping = P, False
+    in_flat = [False] * len(parts)
+    offset = index = 0
+    for group, size in zip(groups, group_sizes):
+        covered = offset + size <= max(flat_elements, 1)
+        for _ in group:
+            in_flat[index] = covered or not params_nvme
+            index += 1
+        offset += size
+    swapped_in_training = [s and not f for s, f in zip(swapped, in_flat)]
 
     # -- parameter swap pool (partitioned_param_swapper._configure_aio) ------------------------
     module_groups = _module_groups(names)
@@ -579,7 +587,7 @@ def _estimate(spec, view, r, hw):
     pin_params = v["zero_optimization.offload_param.pin_memory"]
     small_bytes = 0
     for index, n in enumerate(parts):
-        if params_nvme and not swapped[index]:
+        if params_nvme and not swapped[index] and not in_flat[index]:
             persistent_on_gpu = cuda and full[index] <= persistence
             if not persistent_on_gpu:
                 buffers.append(pinned(C.SMALL_PARTITIONS, n * e, names[index], pin=pin_params))
@@ -712,10 +720,14 @@ def _estimate(spec, view, r, hw):
     # -- calibrated terms -----------------------------------------------------------------------------
     heap_params, heap_optimizer, heap_saved = _heap_parts(spec, full, e, T, checkpointing, cpu_checkpointing,
                                                           largest_grad, first_step_state, fused)
-    # while activations live they are counted as activations; once backward has freed them, their heap
-    # chunks are free: heap_free is largest in the optimizer step
+    if cuda:
+        heap_saved = 0  # activations are GPU memory
+    # Once the first backward has freed the activations, their chunks stay in glibc's arenas: heap_free is
+    # largest after backward (optimizer step). In later forwards and backwards the activations live inside
+    # those chunks again, so the arena (free + live activation bytes) does not shrink below that size.
     heap_static = int(HEAP_FREE_BASE + HEAP_FREE_PARAMS * heap_params + HEAP_FREE_OPTIMIZER * heap_optimizer)
     heap_after = heap_static + int(HEAP_FREE_ACTIVATIONS * heap_saved)
+    heap_live = max(heap_static, heap_after - heap_saved)
 
     def phase(buffers_by_component, activations=0, transients=0, extra_other=0, state=0, checkpoints=0,
               heap_free=heap_static):
@@ -735,9 +747,9 @@ def _estimate(spec, view, r, hw):
         "model_init": phase(model_init_buffers, extra_other=2 * largest_full - RUNTIME_BYTES),
         "engine_init": phase(persistent, extra_other=FP32 * max(group_sizes)),
         "forward": phase(persistent, device * (bucket + forward + gathered_host), state=adam_state_bytes,
-                         checkpoints=offloaded, transients=lingering),
+                         checkpoints=offloaded, transients=lingering, heap_free=heap_live),
         "backward": phase(persistent, device * (bucket + backward + gathered_host), state=adam_state_bytes,
-                          checkpoints=offloaded, transients=lingering),
+                          checkpoints=offloaded, transients=lingering, heap_free=heap_live),
         "optimizer_step_first": phase(persistent, device * bucket, transients=first_step_state + overflow,
                                       state=adam_state_bytes, heap_free=heap_after),
         "optimizer_step": phase(persistent, device * bucket, transients=overflow + lingering, state=adam_state_bytes,
@@ -777,7 +789,8 @@ def _estimate(spec, view, r, hw):
 
     # -- NVMe and I/O per step ------------------------------------------------------------------------------
     nvme = nvme_footprint(parts, e, block, v["zero_optimization.sub_group_size"], io, params_nvme, opt_nvme, groups)
-    swap_steady, swap_first = _swap_per_step(v, spec, names, parts, groups, group_sizes, swappable_groups, swapped,
+    swap_steady, swap_first = _swap_per_step(v, spec, names, parts, groups, group_sizes, swappable_groups,
+                                             swapped_in_training,
                                              e, io, real_swapping, bounded, checkpointing)
     if v["zero_optimization.stage3_max_reuse_distance"] > 0 and real_swapping:
         notes.append("stage3_max_reuse_distance > 0: parameter reads per step assume no reuse (an upper bound)")

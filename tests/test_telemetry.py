@@ -10,7 +10,7 @@ import time
 import pytest
 
 import memlab.telemetry as T
-from memlab.telemetry import (KINDS, PAGE, EventWriter, Sampler, decode_lines, encode, heap_free_bytes,
+from memlab.telemetry import (KINDS, Budgeted, PAGE, EventWriter, Sampler, decode_lines, encode, heap_free_bytes,
                               page_cache_bytes, page_round, read_io, read_status)
 
 
@@ -330,7 +330,7 @@ class Stub:
         self.calls = []
         self.fail = fail
 
-    def __call__(self, rss, page_cache):
+    def __call__(self, rss, page_cache, heap_free):
         self.calls.append((rss, page_cache))
         if self.fail:
             raise RuntimeError("boom")
@@ -359,36 +359,41 @@ def test_sample_once_emits_a_sample_event(tmp_path):
     assert read_events(tmp_path / "events.jsonl") == ([event], 0)
 
 
-def test_sampler_reads_page_cache_every_n_ticks(tmp_path):
-    writer = EventWriter(tmp_path / "events.jsonl")
-    listed = []
+def test_budgeted_reading_keeps_its_cpu_share(monkeypatch):
+    clock = {"now": 100.0, "cpu": 0.0}
+    monkeypatch.setattr(time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(time, "thread_time", lambda: clock["cpu"])
+    reads = []
 
-    def swap_files():
-        listed.append(len(listed))
-        return []
+    def read():  # costs 10 ms of CPU each time
+        reads.append(clock["now"])
+        clock["cpu"] += 0.010
+        return len(reads)
 
-    sampler = Sampler(writer, Stub(), swap_files, page_cache_every=4)
-    for _ in range(10):
-        sampler.sample_once()
-    writer.close()
-    assert len(listed) == 3  # ticks 0, 4 and 8
-    assert sampler.ticks == 10
+    reading = Budgeted(read, share=0.005)
+    values = []
+    for tick in range(50):  # 50 ticks, 0.1 s apart: 5 s
+        clock["now"] = 100.0 + tick / 10
+        values.append(reading.get())
+    # 10 ms / 0.5% = one read every 2 s: at 0, 2 and 4 s
+    assert reads == [100.0, 102.0, 104.0]
+    assert values[0] == 1 and values[19] == 1 and values[20] == 2 and values[-1] == 3
 
 
 def test_sampler_keeps_the_last_page_cache_between_reads(tmp_path):
     swap = tmp_path / "2_param.tensor.swp"
     _write(swap, 4 * PAGE)
     writer = EventWriter(tmp_path / "events.jsonl")
-    sampler = Sampler(writer, Stub(), lambda: [swap], page_cache_every=3)
+    sampler = Sampler(writer, Stub(), lambda: [swap])
     first = sampler.sample_once()["page_cache"]
     _drop_from_cache(swap)
-    second = sampler.sample_once()["page_cache"]  # not re-read at tick 1
-    sampler.sample_once()
-    fourth = sampler.sample_once()["page_cache"]  # re-read at tick 3
+    second = sampler.sample_once()["page_cache"]  # within its CPU budget: not read again yet
+    sampler.page_cache.next_at = 0  # the budget allows the next read
+    third = sampler.sample_once()["page_cache"]
     writer.close()
     assert first > 0
     assert second == first
-    assert fourth == 0
+    assert third == 0
 
 
 def test_sampler_runs_at_roughly_its_interval(tmp_path):

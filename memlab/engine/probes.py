@@ -15,6 +15,7 @@ stack. State is read by the sampler thread, so every change holds `lock`.
 import os
 import sys
 import threading
+import time
 import weakref
 
 from .. import components as C
@@ -102,6 +103,7 @@ class Probes:
         self.saved_bytes = 0
         self.extra_activations = []  # callables returning bytes (gathered params, buckets)
         self.framework_bytes = None
+        self.hook_seconds = 0.0  # time spent in the occupancy hooks, measured
         self._next_key = 0
 
     # -- allocations -----------------------------------------------------------
@@ -250,6 +252,7 @@ def install(probes):
     _hook_param_pool(probes)
     _hook_optimizer_pool(probes)
     _hook_swap_io(probes)
+    _hook_flat_buffer_moves(probes)
     _hook_saved_tensors(probes)
 
 
@@ -336,7 +339,7 @@ def _hook_param_pool(probes):
     swapper_cls.__init__ = __init__
     for name in ("get_buffer", "_allocate_and_return_buffers_for_swap_in", "remove_partition_and_release_buffers",
                  "reserve_available_buffers", "release_reserved_buffers"):
-        _after(swapper_cls, name, lambda self: probes.refresh_param_pool())
+        _after(swapper_cls, name, lambda self: probes.refresh_param_pool(), probes)
 
 
 def _hook_optimizer_pool(probes):
@@ -394,6 +397,37 @@ def _hook_swap_io(probes):
             module.swap_out_tensors = swap_out_tensors
 
 
+def _hook_flat_buffer_moves(probes):
+    """stage3 `_move_to_flat_buffer` copies partitions into the CPU flat parameter
+    buffer and drops them (offload_param.device=cpu, or max_in_cpu): free their
+    records as it happens (on the CPU accelerator their pin was a no-op, so no
+    other hook sees the free)."""
+    from deepspeed.runtime.zero import stage3
+
+    optimizer_cls = stage3.DeepSpeedZeroOptimizer_Stage3
+    original = _require(optimizer_cls, "_move_to_flat_buffer")
+
+    def _move_to_flat_buffer(self, param_list, flat_buffer, avoid_copy=False):
+        before = _partition_keys(param_list)
+        result = original(self, param_list, flat_buffer, avoid_copy=avoid_copy)
+        _forget_partitions(probes, before - _partition_keys(param_list))
+        return result
+
+    optimizer_cls._move_to_flat_buffer = _move_to_flat_buffer
+
+
+def _partition_keys(params):
+    return {f"p{p.ds_tensor.data_ptr()}" for p in params if getattr(p, "ds_tensor", None) is not None}
+
+
+def _forget_partitions(probes, keys):
+    with probes.lock:
+        stale = [key for key in keys if key in probes.live and probes.live[key]["component"] == C.SMALL_PARTITIONS
+                 and probes.live[key]["backend"] == "pageable"]
+    for key in stale:
+        probes.record_free(key)
+
+
 def _hook_saved_tensors(probes):
     """Count tensors autograd keeps for backward (activations), once per storage."""
     import torch
@@ -401,6 +435,7 @@ def _hook_saved_tensors(probes):
     def pack(tensor):
         if isinstance(tensor, torch.nn.Parameter) or tensor.device.type != "cpu":
             return tensor  # parameters are counted as gathered params; device memory is not host RAM
+        started = time.perf_counter()
         storage = tensor.untyped_storage()
         key = storage.data_ptr()
         with probes.lock:
@@ -411,6 +446,7 @@ def _hook_saved_tensors(probes):
             else:
                 entry[1] += 1
         weakref.finalize(tensor, _release_saved, probes, key)
+        probes.hook_seconds += time.perf_counter() - started
         return tensor
 
     probes.saved_hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
@@ -428,12 +464,15 @@ def _release_saved(probes, key):
             del probes.saved[key]
 
 
-def _after(cls, name, callback):
+def _after(cls, name, callback, probes=None):
     original = _require(cls, name)
 
     def wrapper(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
+        started = time.perf_counter()
         callback(self)
+        if probes is not None:
+            probes.hook_seconds += time.perf_counter() - started
         return result
 
     wrapper.__name__ = name
@@ -475,16 +514,12 @@ def attribute_engine_buffers(probes, engine):
 
 
 def _forget_moved_partitions(probes, params):
-    """Partitions pinned at Init whose data stage3 then moved into a CPU flat buffer
-    (offload_param.device=cpu, or max_in_cpu): on the CPU accelerator their pin was
-    a no-op, so no free is ever seen; their records would count the bytes twice
-    (and block a later buffer that reuses the address)."""
-    current = {f"p{p.ds_tensor.data_ptr()}" for p in params if getattr(p, "ds_tensor", None) is not None}
+    """Safety net after initialize: Init partitions whose data no parameter points
+    to any more (moved into a flat buffer by a path the hook above did not see)."""
+    current = _partition_keys(params)
     with probes.lock:
-        stale = [key for key, fields in probes.live.items()
-                 if fields["component"] == C.SMALL_PARTITIONS and fields["backend"] == "pageable" and key not in current]
-    for key in stale:
-        probes.record_free(key)
+        keys = [key for key, fields in probes.live.items() if fields["component"] == C.SMALL_PARTITIONS]
+    _forget_partitions(probes, set(keys) - current)
 
 
 def _attribute_cpu_optimizer_state(probes, optimizer):

@@ -17,7 +17,7 @@ from importlib import metadata
 
 from .. import components as C
 from ..runs import SWAP_MARKER, events_file, summarize
-from ..telemetry import SCHEMA, EventWriter, Sampler, heap_free_bytes
+from ..telemetry import SCHEMA, EventWriter, Sampler
 
 REQUEST_FILE = "request.json"
 STOP_SIGNAL = signal.SIGTERM
@@ -156,10 +156,10 @@ class Worker:
         if not self.knobs["run.telemetry"]:
             return  # step events only: the baseline of the overhead benchmark
 
-        def attribute(rss, page_cache):
+        def attribute(rss, page_cache, heap_free):
             if self.parent_gone():
                 self.stop_requested = True  # stops at the next phase boundary
-            fields = self.probes.attribute(rss, page_cache, heap_free_bytes())
+            fields = self.probes.attribute(rss, page_cache, heap_free)
             for pool in self.probes.pool_events():
                 self.writer.emit("pool", **pool)
             fields["phase"] = self.phase
@@ -234,6 +234,7 @@ class Worker:
             self.step_index = index + 1
             input_ids = next(batches)
             started, cpu_started = time.perf_counter(), time.process_time()
+            telemetry_before = self.sampler.cpu_seconds if self.sampler else 0.0
             self.enter_phase("forward")
             loss = engine(input_ids=input_ids, labels=input_ids).loss
             self.enter_phase("backward")
@@ -249,6 +250,10 @@ class Worker:
             # CPU seconds of every thread of the worker (sampler included): the
             # cost of work, steadier than wall time on a shared machine
             counters["cpu_seconds"] = round(time.process_time() - cpu_started, 6)
+            # what telemetry itself cost in this step, measured where it runs
+            sampler_cpu = self.sampler.cpu_seconds if self.sampler else 0.0
+            counters["telemetry_seconds"] = round(sampler_cpu - telemetry_before + self.probes.hook_seconds, 6)
+            self.probes.hook_seconds = 0.0
             counters["swap_files"] = len(self._swap_files())  # files the swap folder holds (creations)
             value = float(loss.detach().float().item())
             self.writer.emit("step", index=self.step_index, seconds=round(seconds, 6), loss=value, **counters)
