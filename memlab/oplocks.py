@@ -9,6 +9,7 @@ create those files, so it does not delete them: it says exactly what to do.
 """
 import glob
 import os
+import time
 
 
 class StaleOpLock(RuntimeError):
@@ -42,10 +43,29 @@ def stale_locks(root=None):
     return sorted(lock for lock in locks if os.path.realpath(os.path.dirname(lock)) not in busy)
 
 
-def check(root=None):
+# torch's loader takes the same lock for a moment when it loads an op that is
+# already built (FileBaton around a no-op ninja run): another run starting at
+# that moment sees a lock and no process working in the folder yet. A lock is
+# stale only if it is still there, unchanged, a little later.
+RECHECK_SECONDS = 3.0
+
+
+def check(root=None, recheck=RECHECK_SECONDS):
     """Raise StaleOpLock with the command that clears it, if any lock is stale."""
     stale = stale_locks(root)
+    if stale and recheck:
+        seen = {lock: _stamp(lock) for lock in stale}
+        time.sleep(recheck)
+        stale = [lock for lock in stale_locks(root) if lock in seen and _stamp(lock) == seen[lock]]
     if stale:
         raise StaleOpLock(
             f"a DeepSpeed op build was killed midway and left {stale[0]}; every run would wait for it forever. "
             f"No build is running there: remove it with `rm {' '.join(stale)}` and run again (the op rebuilds)")
+
+
+def _stamp(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
