@@ -1,0 +1,81 @@
+"""How long one what-if estimate takes (the sizing panel re-estimates on every
+slider move, so it must stay well under 20 ms for a 70B model).
+
+    .venv/bin/python benchmarks/estimate_speed.py
+
+Times `memlab.estimate` for llama-3.1-70b (and smaller shapes) with DeepSpeed's
+engine and MemAscend's, on the CPU accelerator and on an 8-GPU CUDA node;
+prints a table and writes benchmarks/out/estimate_speed.md. Each figure is the
+median of REPEATS timed calls after one warm-up call (the model's shapes are
+derived afresh on every call: nothing is cached between estimates).
+"""
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from memlab import Knobs, ModelSpec  # noqa: E402
+from memlab.sizing import GiB, Hardware, estimate, fit  # noqa: E402
+
+REPEATS = 50
+LIMIT_MS = 20.0
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "estimate_speed.md")
+HARDWARE = {
+    "cpu, 1 rank": Hardware(ram_bytes=256 * GiB),
+    "cuda, 8 GPUs": Hardware(ram_bytes=1024 * GiB, gpus=8, gpu_bytes=80 * GiB, ranks_per_node=8, accelerator="cuda"),
+}
+MODELS = ("llama-3.1-70b", "qwen2.5-72b", "qwen2.5-7b")
+
+
+def timed(fn, repeats=REPEATS):
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples), max(samples)
+
+
+def main():
+    rows = []
+    for model in MODELS:
+        spec = ModelSpec.resolve(model)  # a preset name resolves in microseconds; the estimate derives the shapes
+        for hw_name, hw in HARDWARE.items():
+            for engine in ("deepspeed", "memascend"):
+                knobs = Knobs({"run.dtype": "bf16", "run.seq_len": 8192, "run.gradient_checkpointing": True},
+                              engine=engine)
+                median, worst = timed(lambda: estimate(spec, knobs, hw))
+                rows.append((model, hw_name, engine, median, worst))
+    fit_ms, _ = timed(lambda: fit("llama-3.1-70b", {"run.dtype": "bf16", "run.gradient_checkpointing": True},
+                                  HARDWARE["cuda, 8 GPUs"], target="seq_len", ram_bytes=512 * GiB, multiple_of=1024),
+                      repeats=3)
+    lines = ["| model | hardware | engine | median ms | worst ms |", "|---|---|---|---|---|"]
+    lines += [f"| {m} | {h} | {e} | {med:.2f} | {w:.2f} |" for m, h, e, med, w in rows]
+    seventy = [med for m, _, _, med, _ in rows if m == "llama-3.1-70b"]
+    verdict = "PASS" if max(seventy) < LIMIT_MS else "FAIL"
+    text = "\n".join([
+        "# What-if estimate speed",
+        "",
+        f"`.venv/bin/python benchmarks/estimate_speed.py` on {platform.node()} ({os.cpu_count()} cores, "
+        f"Python {platform.python_version()}), {REPEATS} timed calls each after a warm-up, "
+        "bf16, 8192 tokens, gradient checkpointing.",
+        "",
+        *lines,
+        "",
+        f"llama-3.1-70b: slowest median {max(seventy):.2f} ms per estimate (limit {LIMIT_MS:.0f} ms): {verdict}.",
+        f"`fit` (largest seq_len for llama-3.1-70b on the 8-GPU node, both engines): {fit_ms:.0f} ms.",
+        "",
+    ])
+    print(text)
+    os.makedirs(os.path.dirname(OUT), exist_ok=True)
+    with open(OUT, "w") as f:
+        f.write(text)
+    return 0 if verdict == "PASS" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
