@@ -30,6 +30,9 @@ from . import figures as F
 REFRESH_HZ = 2.0
 MAX_POINTS = 400  # per series and refresh: ~15 series x 400 points stays well under IOPub's limits
 HISTORY_ROWS = 30
+# Charts get a fixed width: a FigureWidget inside a widget box is otherwise drawn
+# at plotly.js's 700 px default, which crowds the subplots' labels.
+WIDTH = 1100
 DEFAULT_STEPS = 30  # long enough to watch (about 0.2 s a step here), short enough for Binder
 
 # The DeepSpeed knobs that matter for host memory, and the run shape, by section.
@@ -226,7 +229,7 @@ def pool_strip_trace(run, fullest=False):
     return go.Heatmap(
         z=z, x=list(range(width)), y=[F.escape(v) for v in y], customdata=custom, name="pool fill",
         zmin=0, zmax=1, colorscale="Blues", showscale=False, xgap=3, ygap=3,
-        texttemplate="%{z:.0%}" if width <= 24 else None, textfont=dict(size=11),
+        texttemplate="%{z:.0%}" if width <= 12 else None, textfont=dict(size=11),
         hovertemplate=f"%{{y}} buffer %{{x}}: %{{customdata[0]:{digits}}} of %{{customdata[1]:{digits}}} {unit}"
                       " used (%{z:.0%})<extra></extra>",
         hoverongaps=False,
@@ -252,10 +255,10 @@ class LiveChart:
     `batch_update`: host memory stacked by component (top), pinned reserved vs
     used and fragmentation (middle), step time + loss and the pool strip (bottom)."""
 
-    TITLES = ("Host memory by component", "Pinned/locked buffers: reserved vs used",
+    TITLES = ("Host memory by component", "Pinned buffers: reserved vs used",
               "Pinned fragmentation (1 − used/reserved)", "Step time and loss", "Pool buffers and fill")
 
-    def __init__(self, max_points=MAX_POINTS, height=860):
+    def __init__(self, max_points=MAX_POINTS, height=860, width=WIDTH):
         self.max_points = max_points
         empty = Run("no-run")
         fig = make_subplots(
@@ -280,7 +283,7 @@ class LiveChart:
                            yref="y domain", x=0.5, y=0.5, showarrow=False, font=dict(size=15, color="#888"))
         row2_top = fig.layout.yaxis2.domain[1]
         fig.update_layout(
-            template=F.TEMPLATE, height=height, margin=dict(l=70, r=200, t=40, b=40), hovermode="closest", bargap=0.15,
+            template=F.TEMPLATE, height=height, width=width, margin=dict(l=70, r=200, t=40, b=40), hovermode="closest", bargap=0.15,
             legend=dict(title_text="host memory", x=1.02, xanchor="left", y=1, yanchor="top",
                         traceorder="reversed", font=dict(size=12)),
             legend2=dict(x=1.02, xanchor="left", y=row2_top, yanchor="top", font=dict(size=12)),
@@ -294,7 +297,7 @@ class LiveChart:
         fig.update_yaxes(tickformat=".0%", range=[0, 1.02], row=2, col=2)
         fig.update_xaxes(title_text="step", title_standoff=4, row=3, col=1)
         fig.update_yaxes(title_text="step time (s)", rangemode="tozero", row=3, col=1, secondary_y=False)
-        fig.update_yaxes(title_text="loss", tickformat=".2f", showgrid=False, row=3, col=1, secondary_y=True)
+        fig.update_yaxes(title_text="loss", showgrid=False, row=3, col=1, secondary_y=True)
         fig.update_xaxes(title_text="buffer", title_standoff=4, dtick=1, showgrid=False, row=3, col=2)
         fig.update_yaxes(showgrid=False, autorange="reversed", row=3, col=2)
         self.widget = go.FigureWidget(fig)
@@ -357,6 +360,8 @@ class LiveChart:
             fig.layout.annotations[self.n_titles].visible = empty
             steps = len(run.steps)
             fig.layout.xaxis4.dtick = 1 if steps <= 12 else None
+            fig.data[self.groups["pools"][0]].texttemplate = "%{z:.0%}" if len(fig.data[
+                self.groups["pools"][0]].x or ()) <= 12 else None
             fig.layout.annotations[4].text = "Pool buffers and fill" + (
                 " (each pool at its fullest)" if final else " (latest)")
         self.refreshes += 1
@@ -404,16 +409,18 @@ class KnobField:
         doc = description or (spec.doc if spec else "")
         # The section says where a knob lives; the label is its last name part, the tooltip its full name.
         label = W.HTML(f"<span title='{html.escape(name)}: {html.escape(doc)}'>{html.escape(name.split('.')[-1])}"
-                       "</span>", layout=W.Layout(width="185px"))
+                       "</span>", layout=W.Layout(width="190px"))
         if choices is not None:
-            self.control = W.Dropdown(options=choices, value=value, layout=W.Layout(width="150px"))
+            wide = max(len(str(label)) for label, *_ in choices) > 16 if isinstance(choices[0], tuple) else False
+            self.control = W.Dropdown(options=choices, value=value,
+                                      layout=W.Layout(width="135px" if not wide else "170px"))
         elif spec.kind == "bool":
-            self.control = W.Checkbox(value=bool(value), indent=False, layout=W.Layout(width="150px"))
+            self.control = W.Checkbox(value=bool(value), indent=False, layout=W.Layout(width="135px"))
         elif spec.kind == "choice":
             options = list(spec.choices) if not spec.optional else [("(default)", None)] + list(spec.choices)
-            self.control = W.Dropdown(options=options, value=value, layout=W.Layout(width="150px"))
+            self.control = W.Dropdown(options=options, value=value, layout=W.Layout(width="135px"))
         else:
-            self.control = W.Text(value="" if value is None else str(value), layout=W.Layout(width="150px"),
+            self.control = W.Text(value="" if value is None else str(value), layout=W.Layout(width="135px"),
                                   continuous_update=False, placeholder="auto" if spec.auto else "")
         self.control.add_class("memlab-knob")
         self.control.add_class("memlab-knob-" + name.replace(".", "-").replace("_", "-"))
@@ -507,7 +514,7 @@ class Dashboard(W.VBox):
         sections = [model_section] + [
             _section(title, [self.fields[n] for n in names if n in self.fields]) for title, names in SECTIONS]
         self.panel = W.GridBox(sections, layout=W.Layout(
-            grid_template_columns="repeat(auto-fill, minmax(345px, 1fr))", grid_gap="6px 8px", width="100%"))
+            grid_template_columns="repeat(auto-fill, minmax(360px, 1fr))", grid_gap="6px 8px", width="100%"))
         self.panel.add_class("memlab-knob-panel")
         for field in self._all_fields():
             field.control.observe(self._on_knob_change, names="value")
@@ -832,7 +839,7 @@ class Dashboard(W.VBox):
         chosen = [r for r in self.runs if r.run_id in self.compare_select.value]
         labels = [self._labels.get(r.run_id, r.run_id).split(" ")[0] for r in chosen]
         fig = F.compare_runs(chosen, labels=labels)
-        fig.update_layout(title_text="Selected runs compared (# as in the history)")
+        fig.update_layout(title_text="Selected runs compared (# as in the history)", width=WIDTH)
         return fig
 
     def _draw_comparison(self):

@@ -259,8 +259,13 @@ def test_quickstart_live_stop_and_history(lab_server, page, screenshot_on_failur
     shot(page, "4-second-run-chart.png")
     page.locator(DASH + " table.memlab-history").scroll_into_view_if_needed()
     shot(page, "5-history-and-comparison.png")
+    comparison = page.locator(DASH + " .js-plotly-plot").last
+    comparison.scroll_into_view_if_needed()
+    comparison.screenshot(path=os.path.join(ARTIFACTS, "6-comparison-chart.png"))
     # the legend names the components, the axis says the unit
-    legend = page.locator(DASH + " .memlab-live-chart .legendtext").all_inner_texts()
+    svg_texts = lambda css: page.evaluate(  # noqa: E731  (SVG text has no innerText)
+        "(css) => Array.from(document.querySelectorAll(css)).map(e => e.textContent)", css)
+    legend = svg_texts(DASH + " .memlab-live-chart .legendtext")
     assert {"framework", "param_pool", "optimizer_pool", "heap_free", "rss"} <= set(legend), legend
-    axis = page.locator(DASH + " .memlab-live-chart .g-ytitle").all_inner_texts()
+    axis = svg_texts(DASH + " .memlab-live-chart .g-ytitle")
     assert any("MiB" in t or "GiB" in t for t in axis), axis
