@@ -221,9 +221,11 @@ def test_live_refreshes_are_throttled_and_batched(lab):
         run._ingest(events[i * 10:(i + 1) * 10])
         time.sleep(0.05)
     elapsed = time.monotonic() - started
-    refreshes = dash.chart.refreshes - before_refreshes
+    with dash._refresh_lock:  # no redraw half-sent while counting
+        refreshes = dash.chart.refreshes - before_refreshes
+        messages = sent(fig) - before_msgs
     assert 2 <= refreshes <= elapsed * 2 + 1
-    assert sent(fig) - before_msgs == refreshes * FIGURE_MESSAGES_PER_REFRESH
+    assert messages == refreshes * FIGURE_MESSAGES_PER_REFRESH
     assert 0 < dash.chart.points() <= D.MAX_POINTS
     # the end of the run: one final redraw, plus the state stored for saved notebooks
     run._finish(summarize(run.events, status="ok"))

@@ -24,7 +24,7 @@ from plotly.subplots import make_subplots
 from .. import components as C
 from .. import knobs as K
 from ..models import ModelSpec, ModelSpecError
-from ..runs import Run
+from ..runs import Run, Timeline
 from . import figures as F
 
 REFRESH_HZ = 2.0
@@ -236,6 +236,36 @@ def pool_strip_trace(run, fullest=False):
     )
 
 
+class RunSnapshot:
+    """What one refresh draws, read from the run once. A long run's samples are
+    first thinned to at most `max_samples`, keeping each bucket's lowest and
+    highest RSS and pinned bytes, so a refresh costs about the same after an
+    hour as after a minute (the figures then downsample to what is sent)."""
+
+    def __init__(self, run, max_samples=4 * MAX_POINTS):
+        events = list(run.events)
+        self.run_id, self.knobs, self.summary = run.run_id, run.knobs, run.summary
+        self.events = events
+        if len({e.get("rank", 0) for e in events}) > 1:
+            samples = run.timeline.samples  # the node's sum over ranks
+        else:
+            samples = [e for e in events if e.get("kind") == "sample"]
+        if len(samples) > max_samples:
+            keys = [[s.get(k, 0) for s in samples] for k in ("rss", "pinned_reserved", "pinned_used")]
+            samples = [samples[i] for i in F.downsample_indices(keys, max_samples)]
+        self.timeline = Timeline(samples)
+        self.steps = [e for e in events if e.get("kind") == "step" and e.get("rank", 0) == 0]
+        self.ranks = [0]  # the live chart shows the node's total
+
+    @property
+    def pools(self):
+        latest = {}
+        for event in self.events:
+            if event.get("kind") == "pool":
+                latest[event["name"]] = event
+        return latest
+
+
 def _live_traces(traces):
     """The traces the live chart keeps, matched by name at every refresh: the
     node's RSS line is always `rss`, per-rank lines of multi-rank runs stay in
@@ -330,7 +360,9 @@ class LiveChart:
         }, {"memory": unit, "pinned": punit}
 
     def update(self, run, final=False):
-        """Redraw from `run` with one batched update."""
+        """Redraw from `run` (a Run or a RunSnapshot) with one batched update."""
+        if not isinstance(run, RunSnapshot):
+            run = RunSnapshot(run)
         fresh, units = self.traces(run, fullest_pools=final)
         fig = self.widget
         empty = not len(run.timeline)
@@ -748,8 +780,9 @@ class Dashboard(W.VBox):
         if run is None:
             return
         with self._refresh_lock:
-            self.chart.update(run, final=final)
-            self._draw_status(run)
+            snapshot = RunSnapshot(run)
+            self.chart.update(snapshot, final=final)
+            self._draw_status(snapshot)
 
     def _draw_status(self, run):
         e = html.escape
