@@ -248,6 +248,26 @@ def test_one_refresh_is_one_batched_update(lab):
     assert len(updates) == 1
 
 
+def test_a_long_run_redraws_small_and_keeps_its_peak(lab):
+    """An hour-long run (40,000 samples): each refresh sends at most MAX_POINTS
+    points per series, in one message well under a megabyte, and the RSS peak
+    survives the thinning."""
+    events = make_events(n_samples=40_000, n_steps=2000)
+    spike = next(i for i, e in enumerate(events) if e["kind"] == "sample" and e["t"] > 1500)
+    events[spike] = dict(events[spike], rss=events[spike]["rss"] * 3)
+    run = Run(os.path.join(lab.store, "r-long"), events)
+    dash = lab.dashboard()
+    fig = dash.chart.widget
+    before = sent(fig)
+    dash.show(run)
+    messages = [args[0] if args else kw.get("data") for args, kw in fig.comm.messages[before:]]
+    update = next(m for m in messages if m["state"].get("_py2js_update"))
+    assert len(json.dumps(update)) < 1_000_000
+    assert all(len(t.x or ()) <= D.MAX_POINTS for t in fig.data if t.type == "scatter" and t.name != F.STEPS)
+    rss = next(t for t in fig.data if t.name == F.RSS)
+    assert max(rss.y) == pytest.approx(events[spike]["rss"] / MiB)
+
+
 def test_refresh_rate_is_bounded(lab):
     with pytest.raises(ValueError):
         lab.dashboard(refresh_hz=10)
