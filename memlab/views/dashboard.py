@@ -14,8 +14,11 @@ series with the same names, colours and units.
 """
 import copy
 import html
+import json
+import os
 import threading
 import time
+import warnings
 
 import ipywidgets as W
 import plotly.graph_objects as go
@@ -24,7 +27,7 @@ from plotly.subplots import make_subplots
 from .. import components as C
 from .. import knobs as K
 from ..models import ModelSpec, ModelSpecError
-from ..runs import Run, Timeline
+from ..runs import EVENTS_FILE, SUMMARY_FILE, Run, RunStoreError, Timeline, load_run
 from . import figures as F
 
 REFRESH_HZ = 2.0
@@ -138,6 +141,28 @@ def knob_differences(summary, baseline):
             continue
         out.append(f"{short_knob(name)}={_show_value(name, mine[name])}")
     return out
+
+
+def stored_runs(store):
+    """Every run of the store, oldest first, as light Runs holding only their
+    summary (what the history and the comparison need); a run without a summary
+    (its parent died) is rebuilt from its events."""
+    found = []
+    for name in sorted(os.listdir(store)) if os.path.isdir(store) else []:
+        path = os.path.join(store, name)
+        if not os.path.isfile(os.path.join(path, EVENTS_FILE)):
+            continue
+        try:
+            with open(os.path.join(path, SUMMARY_FILE)) as f:
+                found.append(Run(path, summary=json.load(f)))
+            continue
+        except (OSError, ValueError):
+            pass
+        try:
+            found.append(load_run(path))
+        except (RunStoreError, OSError, ValueError) as exc:
+            warnings.warn(f"memlab: skipping {path}: {exc}")
+    return found
 
 
 def history_rows(runs, limit=HISTORY_ROWS):
@@ -816,6 +841,12 @@ class Dashboard(W.VBox):
 
     def show(self, run):
         """Show a run (live or from the store) in the charts."""
+        if run.done and not run.events and os.path.isdir(run.path):  # a history entry: load its events now
+            try:
+                run = load_run(run.path)
+            except (RunStoreError, OSError, ValueError) as exc:
+                self.problem.value = f"<div class='memlab-msg'>{html.escape(str(exc))}</div>"
+                return
         if run is not self.run:
             self.run = run
         self.refresh(final=run.done)
@@ -835,9 +866,11 @@ class Dashboard(W.VBox):
 
     # -- history --------------------------------------------------------------
     def reload(self):
-        """Read the run store again (the history survives kernel restarts)."""
-        live = {r.run_id: r for r in self.runs if not r.done}
-        self.runs = [live.get(r.run_id, r) for r in self.lab.runs()]
+        """Read the run store again (the history survives kernel restarts).
+        Finished runs are read from their summary.json only; a run's events are
+        loaded when it is shown, so a long history costs little memory."""
+        live = {r.run_id: r for r in list(self.runs) + list(self.lab.live) if not r.done}
+        self.runs = [live.get(r.run_id, r) for r in stored_runs(self.lab.store)]
         self.runs += [r for r in live.values() if r not in self.runs]
         self._draw_history()
         finished = [r.run_id for r in self.runs if r.done and (r.summary or {}).get("status") in ("ok", "stopped")]
