@@ -304,6 +304,7 @@ class Lab:
         else UTF-8 bytes as token ids.
         `overrides`: knob changes, `steps=5` or `**{"aio.block_size": 2**21}`."""
         knobs, spec, resolved = self.plan(knobs, model, engine, data, **overrides)
+        warn_if_over_budget(knobs, spec, resolved)
         run_id = new_run_id()
         footprint = nvme_footprint(
             [t.numel for t in spec.tensors()], DTYPE_BYTES[resolved["run.dtype"]], resolved["aio.block_size"],
@@ -475,6 +476,25 @@ class Lab:
             except (R.RunStoreError, OSError, ValueError) as exc:
                 warnings.warn(f"memlab: skipping {path}: {exc}")
         return found
+
+
+def warn_if_over_budget(knobs, spec, resolved):
+    """Preflight: say so when the what-if model expects the run past its budget."""
+    budget = resolved["run.budget"]
+    if not budget:
+        return
+    import warnings
+
+    from .sizing import Hardware, estimate
+    from .views.figures import format_bytes
+
+    predicted = estimate(spec, knobs, Hardware(ranks_per_node=resolved["run.ranks"]))
+    peak = predicted.node_peak_host_bytes
+    if peak > budget:
+        largest = max(predicted.components.items(), key=lambda item: item[1])[0]
+        warnings.warn(f"memlab: the estimate for this run peaks at {format_bytes(peak)}, over its "
+                      f"{format_bytes(budget)} budget (largest component: {largest}); it will likely end over_budget",
+                      stacklevel=3)
 
 
 def run_ranks(run):

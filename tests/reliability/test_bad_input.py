@@ -207,3 +207,16 @@ def test_accepted_knob_sets_run_without_crashing(tmp_path_factory, index):
     model, values = accepted_samples()[index]
     run = Lab(tmp_path_factory.mktemp("store")).run({**values, "run.steps": 2}, model=model, wait=True)
     assert run.summary["status"] == "ok", f"{model} {json.dumps(values)}: {run.summary['error']}"
+
+
+def test_preflight_warns_when_the_estimate_exceeds_the_budget(tmp_path):
+    from memlab.lab import warn_if_over_budget
+
+    lab = Lab(tmp_path / "store")
+    with pytest.warns(UserWarning, match="the estimate for this run peaks at .* over its 500.0 MiB budget"):
+        warn_if_over_budget(*lab.plan({"run.budget": "500MiB"}))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_over_budget(*lab.plan({"run.budget": "8GiB"}))  # fits: silent
