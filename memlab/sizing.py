@@ -122,8 +122,9 @@ GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit glib
 # docs/SIZING.md ("Calibrated terms") says on which runs.
 FRAMEWORK_BYTES = 352 * MiB  # interpreter + torch + deepspeed + transformers, RSS before the model is built
 RUNTIME_BYTES = 90 * MiB  # what the engine holds beyond its buffers after initialize (aio threads, CPU Adam, graphs)
-# glibc arenas' free bytes (heap_free): tensors up to 32 MiB come from the heap, and what is freed there stays
-# as free chunks. Fitted: a floor, plus these multiples of the heap-sized bytes of ...
+# glibc arenas' free bytes (heap_free): tensors below 32 MiB come from the heap, and what is freed there stays
+# as free chunks. Fitted by least squares on 30 runs (docs/SIZING.md): a floor, plus these multiples of the
+# heap-sized bytes of ...
 HEAP_FREE_BASE = 20 * MiB
 HEAP_FREE_PARAMS = 2.0  # ... parameters (each parameter's gradient and its copies)
 HEAP_FREE_OPTIMIZER = 1.1  # ... the optimizer transients (fp64 norm copy, first-step Adam state)
@@ -585,13 +586,11 @@ def _estimate(spec, view, r, hw):
     # -- small partitions (Init._partition_param): not swappable, kept in RAM ------------------
     persistence = v["zero_optimization.stage3_param_persistence_threshold"]
     pin_params = v["zero_optimization.offload_param.pin_memory"]
-    small_bytes = 0
     for index, n in enumerate(parts):
         if params_nvme and not swapped[index] and not in_flat[index]:
             persistent_on_gpu = cuda and full[index] <= persistence
             if not persistent_on_gpu:
                 buffers.append(pinned(C.SMALL_PARTITIONS, n * e, names[index], pin=pin_params))
-                small_bytes += n * e
 
     # -- CPU flat parameter buffer (stage3 _create_param_groups_fp16_flat_cpu_memory) ----------
     if flat_elements > 0:

@@ -43,7 +43,7 @@ def names():
 def test_there_are_notebooks_and_each_has_its_text_copy():
     ipynb = {os.path.splitext(p)[0] for p in notebook_paths()}
     text = {os.path.splitext(p)[0] for p in glob.glob(os.path.join(NOTEBOOKS, "*.py"))}
-    assert {"quickstart", "offload_knobs", "memascend"} <= {os.path.basename(p) for p in ipynb}
+    assert {"quickstart", "offload_knobs", "memascend", "sizing"} <= {os.path.basename(p) for p in ipynb}
     assert ipynb == text, "every notebook needs its py:percent copy (jupytext --sync notebooks/*.ipynb)"
 
 
