@@ -103,3 +103,28 @@ def test_one_rank_dying_ends_the_run_on_every_rank(lab, swap):
     assert os.listdir(swap) == []
     with open(os.path.join(run.path, "summary.json")) as f:
         assert json.load(f)["status"] == "failed"
+
+
+@pytest.fixture(scope="module")
+def two_small(lab, swap):
+    run = lab.run({"run.ranks": 2, "run.steps": 2, "run.swap_dir": str(swap)}, model="small-llama", wait=True)
+    assert run.summary["status"] == "ok", run.summary["error"]
+    return run
+
+
+def test_sizing_predicts_the_measured_node(two_small):
+    # The per-node prediction against a measured 2-rank run, with the bounds of
+    # the single-rank accuracy test: buffers exact, engine 5%, RSS 10%.
+    from memlab.sizing import Hardware, estimate
+
+    predicted = estimate("small-llama", Knobs.from_dict(two_small.knobs), Hardware(ranks_per_node=2))
+    measured = two_small.summary
+    assert abs(predicted.node_peak_host_bytes - measured["peak_rss_bytes"]) <= 0.10 * measured["peak_rss_bytes"]
+    node_engine = 2 * predicted.probed_peak_engine_host_bytes
+    assert abs(node_engine - measured["peak_engine_host_bytes"]) <= 0.05 * measured["peak_engine_host_bytes"]
+    for component in (C.PARAM_POOL, C.PARAM_PARTITION_BUFFER, C.OPTIMIZER_POOL, C.GRAD_FLAT):
+        expected = sum(b.reserved for b in predicted.buffers if b.component == component)
+        for rank in (0, 1):
+            got = sum(a["reserved"] for a in two_small.allocations
+                      if a.get("rank") == rank and a["component"] == component)
+            assert got == expected, (component, rank)
