@@ -408,12 +408,12 @@ class _Partitioned:
     """A model as one of `world` ranks sees it: every partition ceil(numel / world)
     (stage3 `_aligned_size` // world). Duck-types what ResolvedKnobs reads."""
 
-    def __init__(self, model, world):
+    def __init__(self, model, world, full=None):
         from .models import TensorSpec
 
         self.model = model
         self.name = model.name
-        self.full = model.tensors()  # derived once per estimate (ModelSpec.tensors() builds the list each call)
+        self.full = full if full is not None else model.tensors()  # derived once per estimate
         if world == 1:
             self._tensors = self.full
         else:
@@ -497,8 +497,11 @@ def estimate(model, knobs=None, hardware=None, engine=None):
     hw = hardware if hardware is not None else Hardware()
     if not isinstance(hw, Hardware):
         raise SizingError(f"hardware: expected memlab.sizing.Hardware, got {type(hw).__name__}")
-    view = _Partitioned(spec, hw.world_size)
-    resolved = knobs.resolve(view, accelerator=hw.accelerator)
+    # "auto" and the traps are resolved against the whole model, as Lab.run does for any number of ranks;
+    # the buffers are then sized by each rank's partitions
+    whole = _Partitioned(spec, 1)
+    resolved = knobs.resolve(whole, accelerator=hw.accelerator)
+    view = whole if hw.world_size == 1 else _Partitioned(spec, hw.world_size, whole.full)
     return _estimate(spec, view, resolved, hw)
 
 
