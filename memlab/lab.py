@@ -375,6 +375,7 @@ class Lab:
                 env.pop(name, None)
             else:
                 env[name] = str(value)
+        oplocks.use_extensions_root(env)  # the ops set-up built, for this environment
         # The worker imports memlab from wherever this process found it.
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))

@@ -9,6 +9,7 @@ create those files, so it does not delete them: it says exactly what to do.
 """
 import glob
 import os
+import sys
 import time
 
 
@@ -17,8 +18,21 @@ class StaleOpLock(RuntimeError):
 
 
 def extensions_root():
-    return os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions")
+    """Where DeepSpeed's ops are built: TORCH_EXTENSIONS_DIR if set; else, in a
+    virtual environment, a folder of its own (ops compiled against this venv's
+    DeepSpeed sources: another checkout's build cannot invalidate them mid-run);
+    else torch's default cache."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    if sys.prefix != sys.base_prefix:
+        return os.path.join(sys.prefix, "torch_extensions")
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions")
+
+
+def use_extensions_root(env=os.environ):
+    """Point torch (in this process, or a child's environment) at extensions_root()."""
+    env["TORCH_EXTENSIONS_DIR"] = extensions_root()
+    return env
 
 
 def _busy_folders():

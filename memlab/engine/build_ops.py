@@ -45,6 +45,7 @@ def build_all(report=None, only_missing=False):
 
 
 if __name__ == "__main__":
+    oplocks.use_extensions_root()  # before torch is imported: it reads the variable once
     try:
         build_all()
     except oplocks.StaleOpLock as exc:
