@@ -111,6 +111,7 @@ class Worker:
                          knobs=self.request["knobs_nested"], model=self.request["model"],
                          versions=library_versions(), host=host_facts())
         status, error = "ok", None
+        self._watch_op_locks()
         try:
             self._start_probes()
             self.train()
@@ -120,7 +121,8 @@ class Worker:
             status, error = "stopped", f"{who} at step {self.step_index} ({self.phase})"
         except BaseException as exc:  # DeepSpeed asserts included: report, then exit non-zero
             status = "failed"
-            error = self._disk_full_cause() or f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            error = self.lock_error or self._disk_full_cause() or \
+                f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
             error += f" (phase {self.phase}, step {self.step_index})"
             self.writer.emit("error", message=error, traceback="".join(traceback.format_exc()).splitlines()[-25:],
                              phase=self.phase, step=self.step_index)
@@ -168,6 +170,29 @@ class Worker:
 
         self.sampler = Sampler(self.writer, attribute, self._swap_files, interval=1.0 / self.knobs["run.sample_hz"])
         self.sampler.start()
+
+    def _watch_op_locks(self, every=5.0):
+        """Until training starts, look for a DeepSpeed op build lock that went
+        stale (its build was killed) while this worker waits on it: torch would
+        wait forever. Interrupt the wait and fail with what to do instead."""
+        import _thread
+        import threading
+
+        from .. import oplocks
+
+        self.lock_error = None
+
+        def watch():
+            while self.phase in ("start", "import", "model_init", "engine_init"):
+                time.sleep(every)
+                try:
+                    oplocks.check()
+                except oplocks.StaleOpLock as exc:
+                    self.lock_error = str(exc)
+                    _thread.interrupt_main()
+                    return
+
+        threading.Thread(target=watch, name="memlab-op-locks", daemon=True).start()
 
     def _swap_files(self):
         folder = self.request.get("swap_path")

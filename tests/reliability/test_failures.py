@@ -239,3 +239,29 @@ def test_a_stale_op_build_lock_is_named_with_the_fix(tmp_path, monkeypatch):
         Lab(tmp_path / "store").plan()
     finally:
         builder.kill()
+
+
+def test_a_lock_that_goes_stale_while_the_worker_waits(tmp_path, swap, monkeypatch):
+    # A build killed midway while a run waits on its lock: torch would wait forever.
+    root = tmp_path / "torch_extensions"
+    import shutil
+
+    from memlab.oplocks import extensions_root
+
+    shutil.copytree(extensions_root(), root, symlinks=True)  # the built ops, in a folder of the test's own
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    builder = subprocess.Popen(["sleep", "600"], cwd=root / "async_io")  # "a build in progress"
+    (root / "async_io" / "lock").write_text("")
+    try:
+        run = Lab(tmp_path / "store").run({"run.steps": 1, "run.swap_dir": str(swap)})
+        time.sleep(8)
+        builder.kill()  # the build dies; its lock stays
+        builder.wait()
+        summary = run.wait(120)
+    finally:
+        builder.kill()
+    assert summary is not None, "the worker waited forever on a stale lock"
+    assert summary["status"] == "failed"
+    assert "a DeepSpeed op build was killed midway" in summary["error"] and "rm " in summary["error"]
+    assert (root / "async_io" / "lock").exists()
+    assert os.listdir(swap) == []
