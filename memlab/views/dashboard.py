@@ -336,6 +336,15 @@ class LiveChart:
         self.n_titles = len(fig.layout.annotations)
         fig.add_annotation(text="Press Run to start a run; the charts fill while it trains.", xref="x domain",
                            yref="y domain", x=0.5, y=0.5, showarrow=False, font=dict(size=15, color="#888"))
+        # What an empty panel waits for, instead of bare placeholder axes.
+        self.waiting = {"pinned": ("x2", "no pinned buffer yet"), "fragmentation": ("x3", "nothing reserved yet"),
+                        "steps": ("x4", "no step yet"), "pools": ("x5", "no pool yet")}
+        self.waiting_index = {}
+        for group, (axis, text) in self.waiting.items():
+            self.waiting_index[group] = len(fig.layout.annotations)
+            fig.add_annotation(text=text, xref=f"{axis} domain", yref=f"{axis.replace('x', 'y')} domain"
+                               if group != "pools" else "y6 domain", x=0.5, y=0.5, showarrow=False,
+                               font=dict(size=13, color="#999"))
         row2_top = fig.layout.yaxis2.domain[1]
         fig.update_layout(
             template=F.TEMPLATE, height=height, width=width, margin=dict(l=70, r=200, t=40, b=40), hovermode="closest", bargap=0.15,
@@ -415,6 +424,14 @@ class LiveChart:
                 fig.layout.yaxis2.title.text = f"pinned ({units['pinned']})"
             self.units.update(units)
             fig.layout.annotations[self.n_titles].visible = empty
+            waiting = {"pinned": not any(run.timeline.pinned_reserved), "steps": not run.steps,
+                       "pools": not any(e.get("kind") == "pool" for e in run.events)}
+            waiting["fragmentation"] = waiting["pinned"]
+            for group, axes in (("pinned", ("xaxis2", "yaxis2")), ("fragmentation", ("xaxis3", "yaxis3")),
+                                ("steps", ("xaxis4", "yaxis4", "yaxis5")), ("pools", ("xaxis5", "yaxis6"))):
+                fig.layout.annotations[self.waiting_index[group]].visible = waiting[group] and not empty
+                for axis in axes:
+                    fig.layout[axis].showticklabels = not waiting[group]
             steps = len(run.steps)
             fig.layout.xaxis4.dtick = 1 if steps <= 12 else None
             fig.data[self.groups["pools"][0]].texttemplate = "%{z:.0%}" if len(fig.data[
