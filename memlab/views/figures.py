@@ -216,7 +216,7 @@ def memory_traces(run, max_points=MAX_POINTS):
             hovertemplate=f"<b>{name}</b>: %{{y:{digits}}} {unit}<br>t = %{{x:.1f}} s<br>"
                           f"<i>{_description(name)}</i><extra></extra>",
         ))
-    ranks = run.ranks if hasattr(run, "ranks") else [0]
+    ranks = (run.ranks if hasattr(run, "ranks") else []) or [0]  # no events yet: one worker
     traces.append(go.Scatter(
         x=x, y=_scaled(_take(tl.rss, idx), divisor), name=RSS if len(ranks) == 1 else "rss (node)",
         mode="lines", line=dict(color=RSS_COLOR, width=2),
