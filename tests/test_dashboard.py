@@ -357,3 +357,25 @@ def test_a_real_run_from_the_dashboard(tmp_path):
     rows = dash.history_rows()
     assert rows[1]["differs"] == ["steps=2000"] and "stopped" in dash.history.value
     assert not dash.run_button.disabled
+
+
+def test_live_chart_draws_a_line_per_rank_beside_the_node_total():
+    from memlab.runs import Run
+    from memlab.views.dashboard import LiveChart
+
+    events = []
+    for tick in range(20):
+        for rank in (0, 1):
+            events.append({"t": tick / 10 + rank / 100, "kind": "sample", "rank": rank,
+                           "rss": (100 + tick + 50 * rank) * 2**20, "vm_lck": 0, "vm_hwm": 0, "page_cache": 0,
+                           "io_read": 0, "io_write": 0, "components": {"framework": 100 * 2**20},
+                           "pinned_reserved": 0, "pinned_used": 0})
+    chart = LiveChart()
+    chart.update(Run("two-ranks", events))
+    lines = {t.name: t for t in chart.widget.data if t.name and t.name.startswith("rss")}
+    assert lines["rss rank 0"].visible and lines["rss rank 1"].visible
+    assert not lines["rss rank 2"].visible
+    assert len(lines["rss rank 1"].y) == 20 and len(lines["rss"].y) == 40  # the node's sum at every sample
+    assert max(lines["rss"].y) == max(a + b for a, b in zip(lines["rss rank 0"].y, lines["rss rank 1"].y))
+    chart.update(Run("one-rank", [e for e in events if e["rank"] == 0]))
+    assert not any(t.visible for t in chart.widget.data if t.name and t.name.startswith("rss rank"))

@@ -280,7 +280,17 @@ class RunSnapshot:
             samples = [samples[i] for i in F.downsample_indices(keys, max_samples)]
         self.timeline = Timeline(samples)
         self.steps = [e for e in events if e.get("kind") == "step" and e.get("rank", 0) == 0]
-        self.ranks = [0]  # the live chart shows the node's total
+        self.ranks = sorted({e.get("rank", 0) for e in events}) or [0]
+        self._rank_samples = {}
+        if len(self.ranks) > 1:  # each rank's own line beside the node's total, thinned like it
+            for rank in self.ranks:
+                mine = [e for e in events if e.get("kind") == "sample" and e.get("rank", 0) == rank]
+                if len(mine) > max_samples:
+                    mine = [mine[i] for i in F.downsample_indices([[e["rss"] for e in mine]], max_samples)]
+                self._rank_samples[rank] = mine
+
+    def rank_timelines(self):
+        return {rank: Timeline(samples) for rank, samples in self._rank_samples.items()}
 
     @property
     def pools(self):
@@ -291,10 +301,12 @@ class RunSnapshot:
         return latest
 
 
+MAX_RANK_LINES = 8  # per-rank lines the live chart can show (more ranks: the node's total only)
+
+
 def _live_traces(traces):
     """The traces the live chart keeps, matched by name at every refresh: the
-    node's RSS line is always `rss`, per-rank lines of multi-rank runs stay in
-    `run.plot()` (the dashboard shows the node's total)."""
+    node's RSS line is always `rss`; per-rank lines are their own group."""
     out = []
     for trace in traces:
         if trace.name and trace.name.startswith("rss rank"):
@@ -324,6 +336,13 @@ class LiveChart:
         self.groups = {}
         mem, unit = F.memory_traces(empty, max_points)
         self._add(fig, "memory", mem, 1, 1, legend="legend")
+        # A multi-rank run's per-rank RSS lines: made up front (the widget keeps
+        # its traces), shown when a run has that many ranks.
+        start = len(fig.data)
+        for rank in range(MAX_RANK_LINES):
+            fig.add_trace(go.Scatter(x=[], y=[], name=f"rss rank {rank}", mode="lines", visible=False,
+                                     line=dict(width=1.5, dash="dot"), legend="legend"), row=1, col=1)
+        self.groups["ranks"] = list(range(start, len(fig.data)))
         pinned, _ = F.pinned_traces(empty, max_points)
         self._add(fig, "pinned", pinned, 2, 1, legend="legend2")
         self._add(fig, "fragmentation", F.fragmentation_traces(empty, max_points), 2, 2, legend="legend2")
@@ -401,6 +420,14 @@ class LiveChart:
         fig = self.widget
         empty = not len(run.timeline)
         with fig.batch_update():
+            lines = {t.name: t for t in fresh["memory"] if t.name and t.name.startswith("rss rank")}
+            for index in self.groups["ranks"]:
+                target = fig.data[index]
+                line = lines.get(target.name)
+                if line is not None:
+                    target.x, target.y, target.visible = line.x, line.y, True
+                elif target.visible:
+                    target.visible = False
             for group, traces in fresh.items():
                 by_name = {t.name: t for t in _live_traces(traces)}
                 for index in self.groups[group]:
