@@ -5,7 +5,6 @@ stopped, 2 for bad input (a one-line cause on stderr, nothing started).
 """
 import argparse
 import json
-import os
 import sys
 
 from .knobs import KnobError, Knobs, read_json_object

@@ -104,7 +104,6 @@ def nvme_footprint(numels, param_bytes, block_size, sub_group_size, intra_op_par
 # What-if estimate: host memory (and GPU memory, NVMe, I/O) of one configuration,
 # from the model's shapes and the knobs alone. docs/SIZING.md explains every term.
 # =====================================================================================
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -944,7 +943,7 @@ def fit(model=None, knobs=None, hardware=None, target="seq_len", models=None, ra
     whose estimate fits `ram_bytes` per node (and `gpu_bytes` per GPU), for each
     engine. Budgets default to the hardware's. Bisection on the estimator:
     peak memory grows monotonically with sequence length and micro batch."""
-    from .knobs import KnobError, Knobs
+    from .knobs import Knobs
 
     if target not in TARGETS:
         raise SizingError(f"target={target!r}: must be one of {', '.join(TARGETS)}")

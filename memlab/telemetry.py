@@ -26,9 +26,9 @@ KINDS = (
     "error",  # message, traceback
     "run_end",  # status, summary
 )
+STATUSES = ("ok", "failed", "stopped", "over_budget")  # run_end status (DESIGN.md)
 BACKENDS = ("aio-mlock", "native-mlock", "torch-pinned", "pageable")
 PINNED_BACKENDS = frozenset({"aio-mlock", "native-mlock", "torch-pinned"})
-STATUSES = ("ok", "failed", "stopped", "over_budget")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 

@@ -5,7 +5,6 @@ in plain pytest. The real browser test is tests/browser/."""
 import html
 import json
 import os
-import threading
 import time
 
 import plotly.graph_objects as go

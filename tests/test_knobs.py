@@ -5,7 +5,6 @@ depends on it, so the results do not depend on the machine.
 """
 import json
 import math
-import os
 import pathlib
 
 import pytest

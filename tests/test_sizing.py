@@ -17,7 +17,7 @@ from memlab import components as C
 from memlab.knobs import KnobError, Knobs
 from memlab.models import ModelSpec
 from memlab.sizing import (GiB, MiB, Hardware, SizingError, aligned_numel, estimate, fit, largest_sub_group,
-                           nvme_footprint, page_round, pow2_round, staging_plan, sub_groups, swappable)
+                           nvme_footprint, page_round, pow2_round, staging_plan, swappable)
 
 SMALL = ModelSpec.resolve("small-llama")
 TINY = ModelSpec.resolve("tiny-llama")

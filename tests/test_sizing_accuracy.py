@@ -19,7 +19,7 @@ import os
 
 import pytest
 
-from memlab import Knobs, Lab, ModelSpec
+from memlab import Knobs, Lab
 from memlab import components as C
 from memlab.sizing import Hardware, estimate
 

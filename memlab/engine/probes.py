@@ -96,7 +96,6 @@ class Probes:
         self.swap_in_bytes = self.swap_out_bytes = 0
         self.swap_in_ops = self.swap_out_ops = 0
         self.swap_by_kind = {}  # "in.param" -> bytes since the last step
-        self.swap_paths = set()
         self.param_swappers = weakref.WeakSet()
         self.optimizer_managers = weakref.WeakSet()
         self.saved = {}  # storage ptr -> [nbytes, refcount] of autograd saved tensors
@@ -201,7 +200,6 @@ class Probes:
                 else:
                     self.swap_out_bytes += buffer.nbytes
                     self.swap_out_ops += 1
-                self.swap_paths.add(path)
 
     # -- step accounting ---------------------------------------------------------
     def take_step_counters(self):

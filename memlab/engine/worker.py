@@ -15,7 +15,6 @@ import time
 import traceback
 from importlib import metadata
 
-from .. import components as C
 from ..runs import SWAP_MARKER, events_file, summarize
 from ..telemetry import SCHEMA, EventWriter, Sampler
 

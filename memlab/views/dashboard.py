@@ -24,7 +24,6 @@ import ipywidgets as W
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .. import components as C
 from .. import knobs as K
 from ..models import ModelSpec, ModelSpecError
 from ..runs import EVENTS_FILE, SUMMARY_FILE, Run, RunStoreError, Timeline, load_run
