@@ -3,6 +3,7 @@
 Importing memlab is fast: it imports neither torch nor deepspeed. The engine
 runs in a worker process (memlab.engine).
 """
+from .errors import InputError, MemlabError
 from .knobs import KnobError, Knobs
 from .lab import Lab
 from .models import ModelSpec, ModelSpecError
@@ -21,5 +22,5 @@ def sizing_panel(run=None, **options):
 
 
 __all__ = ["Lab", "Knobs", "ModelSpec", "Run", "load_run", "KnobError", "ModelSpecError", "estimate", "fit",
-           "sizing_panel", "Estimate", "Hardware"]
+           "sizing_panel", "Estimate", "Hardware", "MemlabError", "InputError"]
 __version__ = "0.1.0"

@@ -7,28 +7,9 @@ parent's follower thread, catches what a machine without a writable cgroup
 cannot, and names what was growing. Either way the run ends `over_budget`.
 """
 import os
-import re
 
-UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": 1e9, "gb": 1e9,
-         "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
 CGROUP_V2 = "/sys/fs/cgroup"
 CGROUP_V1_MEMORY = "/sys/fs/cgroup/memory"
-
-
-def parse_bytes(text):
-    """'6GiB', '512 MB', '1.5g', 2**30 -> bytes; ValueError with the reason otherwise."""
-    if isinstance(text, bool):
-        raise ValueError("must be a size such as '6GiB', not a boolean")
-    if isinstance(text, (int, float)):
-        value = float(text)
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-        if not match or match.group(2).lower() not in UNITS:
-            raise ValueError("must be a size such as '6GiB', '512MB' or a number of bytes")
-        value = float(match.group(1)) * UNITS[match.group(2).lower()]
-    if value != value or value <= 0 or value == float("inf"):
-        raise ValueError("must be a positive size")
-    return int(value)
 
 
 def _own_cgroup_v1():

@@ -4,12 +4,16 @@ Exit status: 0 for a run that finished, 1 for a run that failed or was
 stopped, 2 for bad input (a one-line cause on stderr, nothing started).
 """
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
 
-from .knobs import KnobError, Knobs, read_json_object
-from .models import ModelSpecError
+from .errors import InputError
+from .knobs import DS_TOP_LEVEL_KEYS, KnobError, Knobs, read_json_object
 from .oplocks import StaleOpLock
+from .units import GiB, format_in, parse_bytes
 
 
 def _value(text):
@@ -32,12 +36,15 @@ def load_knobs_file(path, engine):
 def knobs_from_args(args):
     engine = getattr(args, "engine", None)
     knobs = load_knobs_file(args.knobs, engine) if args.knobs else Knobs(engine=engine or "deepspeed")
-    changes = {}
+    changes, ds_changes = {}, {}
     for item in args.set or []:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise KnobError("--set", item, "expected KEY=VALUE, e.g. aio.block_size=2097152")
-        changes[key.strip()] = _value(text.strip())
+        key = key.strip()
+        (ds_changes if key in DS_TOP_LEVEL_KEYS else changes)[key] = _value(text.strip())
+    if ds_changes:
+        knobs = knobs.set_ds(ds_changes)
     if args.steps is not None:
         changes["run.steps"] = args.steps
     if getattr(args, "budget", None) is not None:
@@ -61,7 +68,7 @@ def _progress(run, new_events):
     for event in new_events:
         if event["kind"] == "step":
             print(f"memlab: step {event['index']}  loss {event['loss']:.4f}  {event['seconds']:.2f} s  "
-                  f"swap in {event['swap_in_bytes'] / 2**20:.1f} MiB  out {event['swap_out_bytes'] / 2**20:.1f} MiB",
+                  f"swap in {format_in(event['swap_in_bytes'])}  out {format_in(event['swap_out_bytes'])}",
                   file=sys.stderr, flush=True)
         elif event["kind"] == "phase" and event["name"] in ("import", "model_init", "engine_init"):
             print(f"memlab: {event['name'].replace('_', ' ')} ...", file=sys.stderr, flush=True)
@@ -76,14 +83,26 @@ def execute(args, report=False):
     return 0
 
 
+def interrupt_on_stop_signals():
+    """Ctrl-C and SIGTERM stop the run cleanly, whatever dispositions this
+    process inherited (a shell's background job starts with SIGINT ignored)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def run_and_print(args, report=False):
     """Start a run, follow it with a progress line per step, print its summary."""
     from .lab import Lab
     from .views.report import summary_table_text
 
     knobs = knobs_from_args(args)
-    lab = Lab(args.out)
-    run = lab.run(knobs, model=args.model)  # validates before starting anything
+    with users_paths():  # the run store (--out) and the swap folder are the user's
+        lab = Lab(args.out)
+        interrupt_on_stop_signals()
+        run = lab.run(knobs, model=args.model)  # validates before starting anything
     print(f"memlab: run {run.run_id} in {run.path}", file=sys.stderr, flush=True)
     run.add_listener(_progress)
     try:
@@ -138,24 +157,24 @@ def demo(args):
     return 0
 
 
-GIB = 1 << 30
-
-
 def _gib(text):
-    """--ram 128 / --ram 128GiB / --ram 64G / --ram 1.5T: a size in GiB unless a unit says otherwise."""
-    value = text.strip().lower().replace("ib", "").rstrip("b")
-    scale = GIB
-    for unit, factor in (("k", 1 << 10), ("m", 1 << 20), ("g", GIB), ("t", 1 << 40)):
-        if value.endswith(unit):
-            value, scale = value[:-1], factor
-            break
+    """--ram 128 / --ram 128GiB / --ram 64G / --ram 1.5T: a size in GiB unless a
+    unit says otherwise (memlab.units: G is GiB, as for --budget)."""
     try:
-        number = float(value)
+        return parse_bytes(text, unit=GiB)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}")
+
+
+def _whole(text):
+    """A whole number >= 1 (--multiple-of, --nodes)."""
+    try:
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a size such as 128, 64GiB or 1.5T")
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
-    return int(number * scale)
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number >= 1")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number >= 1")
+    return value
 
 
 def _add_hardware_arguments(parser):
@@ -166,10 +185,17 @@ def _add_hardware_arguments(parser):
     parser.add_argument("--nodes", type=int, default=1)
 
 
-def hardware_from_args(args):
+def hardware_from_args(args, knobs):
+    """The machine of --ram/--gpus/--gpu-mem/--ranks-per-node/--nodes; a knob
+    run.ranks counts as the ranks per node (they must agree if both are given)."""
     from .sizing import Hardware
 
     ranks = args.ranks_per_node if args.ranks_per_node is not None else max(1, args.gpus)
+    if knobs["run.ranks"] != 1:  # its default: one rank
+        if args.ranks_per_node is not None and args.ranks_per_node != knobs["run.ranks"]:
+            raise InputError(f"run.ranks={knobs['run.ranks']} and --ranks-per-node {args.ranks_per_node} disagree: "
+                             f"give one of them")
+        ranks = knobs["run.ranks"]
     return Hardware(ram_bytes=args.ram, gpus=args.gpus, gpu_bytes=args.gpu_mem, ranks_per_node=ranks,
                     nodes=args.nodes, accelerator="cuda" if args.gpus else "cpu")
 
@@ -177,7 +203,8 @@ def hardware_from_args(args):
 def cmd_estimate(args):
     from .sizing import estimate
 
-    result = estimate(args.model, knobs_from_args(args), hardware_from_args(args))
+    knobs = knobs_from_args(args)
+    result = estimate(args.model, knobs, hardware_from_args(args, knobs))
     print(json.dumps(result.to_dict(), indent=1) if args.json else result.table())
     return 0
 
@@ -186,7 +213,8 @@ def cmd_fit(args):
     from .sizing import fit
 
     engines = (args.engine,) if args.engine else ("deepspeed", "memascend")
-    report = fit(args.model, knobs_from_args(args), hardware_from_args(args), target=args.target,
+    knobs = knobs_from_args(args)
+    report = fit(args.model, knobs, hardware_from_args(args, knobs), target=args.target,
                  models=args.models, engines=engines, multiple_of=args.multiple_of)
     print(json.dumps(report.to_dict(), indent=1) if args.json else report.table())
     return 0
@@ -195,10 +223,21 @@ def cmd_fit(args):
 def cmd_report(args):
     from .runs import load_run
 
-    run = load_run(args.run)
-    path = run.report(args.output)
+    with users_paths():  # the run folder and the report path named on the command line
+        run = load_run(args.run)
+        path = run.report(args.output)
     print(path)
     return 0
+
+
+@contextlib.contextmanager
+def users_paths():
+    """An OSError inside is about a file or folder the user named: bad input
+    (exit 2, one line), not a bug. Elsewhere an OSError prints its traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise InputError(str(exc)) from exc
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -225,7 +264,7 @@ def build_parser():
     _add_hardware_arguments(fitp)
     fitp.add_argument("--target", choices=("seq_len", "micro_batch", "model"), default="seq_len")
     fitp.add_argument("--models", nargs="+", metavar="MODEL", help="candidates for --target model")
-    fitp.add_argument("--multiple-of", type=int, default=1, help="answer in multiples of this (e.g. 1024 tokens)")
+    fitp.add_argument("--multiple-of", type=_whole, default=1, help="answer in multiples of this (e.g. 1024 tokens)")
     report = sub.add_parser("report", help="write the HTML report of a stored run")
     report.add_argument("run", help="run folder")
     report.add_argument("-o", "--output", default=None, help="HTML path (default RUN/report.html)")
@@ -245,9 +284,15 @@ def main(argv=None):
             return cmd_estimate(args)
         if args.command == "fit":
             return cmd_fit(args)
-    except (KnobError, ModelSpecError, ValueError, OSError, StaleOpLock) as exc:
+    # Refused before anything started: bad input, or a stale op build lock (named with the command
+    # that clears it). Anything else is a bug and prints its traceback.
+    except (InputError, StaleOpLock) as exc:
         print(f"memlab: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (`memlab estimate --json | head`): nothing more to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 2
 
 

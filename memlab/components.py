@@ -1,6 +1,7 @@
 """The shared vocabulary: every byte memlab reports belongs to one component.
 
-Probes, estimates, summaries and legends all use these names (DESIGN.md).
+Probes, estimates, summaries and legends all use these names, so a measured
+run and an estimate compare component by component.
 """
 
 FRAMEWORK = "framework"

@@ -14,25 +14,41 @@ import copy
 import difflib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
-from .sizing import aligned_numel, largest_sub_group, staging_plan, swappable
+from .ds_rules import (DTYPE_BYTES, FP32, aligned_numel, largest_module_group, largest_sub_group, staging_plan,
+                       swappable)
+from .ds_rules import cuda_present as _cuda_present  # a module global, so that tests can replace it
+from .errors import KnobError
+from .optimizations import OPTIMIZATIONS
 
 
-class KnobError(ValueError):
-    """A knob value memlab refuses, with a one-line message: knob, value, reason."""
-
-    def __init__(self, knob, value, reason):
-        self.knob, self.value, self.reason = knob, value, reason
-        shown = knob if isinstance(knob, str) and knob.isprintable() else repr(knob)
-        super().__init__(f"{shown}={value!r}: {' '.join(str(reason).split())}")
 
 
 AUTO = "auto"
+# "auto" in a Hugging Face Trainer / accelerate ds_config: resolved the way the Trainer resolves it
+# (transformers.integrations.deepspeed, HfTrainerDeepSpeedConfig.trainer_config_process), from the model's
+# hidden size. memlab's own "auto" for reduce_bucket_size (the largest partition) is a different rule.
+TRAINER_AUTO = "auto (HF Trainer)"
+TRAINER_AUTO_RULES = {
+    "zero_optimization.reduce_bucket_size": ("hidden_size^2", lambda h: h * h),
+    "zero_optimization.stage3_prefetch_bucket_size": ("0.9 x hidden_size^2", lambda h: int(0.9 * h * h)),
+    "zero_optimization.stage3_param_persistence_threshold": ("10 x hidden_size", lambda h: 10 * h),
+}
+# ...and the run-level values the Trainer fills from its TrainingArguments defaults
+# (warmup_num_steps: the Trainer keeps it at least 1, since DeepSpeed 0.19.6 refuses 0)
+TRAINER_DEFAULTS = {"gradient_clipping": 1.0, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
+                    "warmup_min_lr": 0.0, "warmup_num_steps": 1}
+# run.dtype "auto": the dtype the model's config.json names (torch_dtype), as transformers loads it
+TORCH_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 DEVICES = ("nvme", "cpu")
+# offload_param may also be "none": partitions stay on the device (a GPU's memory; on the CPU
+# accelerator the device is host RAM), the usual setting when only the optimizer is offloaded
+PARAM_DEVICES = DEVICES + ("none",)
 DTYPES = ("fp32", "bf16", "fp16")
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  # transformers' attention kernels that run on any accelerator
 
 
 @dataclass(frozen=True)
@@ -54,11 +70,15 @@ def _k(name, default, kind, doc, **kw):
 
 
 # Defaults: DeepSpeed 0.19.8's, except where DeepSpeed's default hides the
-# behaviour memlab exists to measure or crashes (DEEPSPEED_HOST_MEMORY.md,
-# "traps"); those carry `ds_default`.
+# behaviour memlab exists to measure (max_in_cpu=1e9: a model under 1e9
+# elements never swaps parameters), crashes once parameters really swap
+# (stage3_max_live_parameters, stage3_max_reuse_distance of 1e9), or sizes
+# buffers far beyond a small model (buffer_size, sub_group_size,
+# reduce_bucket_size: `auto`, from the model); those carry `ds_default`.
 SPECS = [
     # --- zero_optimization.offload_param
-    _k("zero_optimization.offload_param.device", "nvme", "choice", "where parameters are offloaded", choices=DEVICES),
+    _k("zero_optimization.offload_param.device", "nvme", "choice",
+       "where parameters are offloaded (none: kept on the device, only the optimizer offloaded)", choices=PARAM_DEVICES),
     _k("zero_optimization.offload_param.buffer_count", 5, "int", "parameter swap buffers", minimum=1),
     _k("zero_optimization.offload_param.buffer_size", AUTO, "int",
        "elements per parameter swap buffer; auto = the largest parameter partition", minimum=1, auto=True,
@@ -106,7 +126,11 @@ SPECS = [
     # --- run shape (memlab)
     _k("run.micro_batch", 1, "int", "sequences per step", minimum=1),
     _k("run.seq_len", 128, "int", "tokens per sequence", minimum=2),
-    _k("run.dtype", "fp32", "choice", "training dtype", choices=DTYPES),
+    _k("run.dtype", AUTO, "choice", "training dtype; auto = the model's torch_dtype (fp32 when it names none)",
+       choices=DTYPES, auto=True),
+    _k("run.attn_implementation", AUTO, "choice",
+       "transformers' attention kernel (eager keeps each layer's attention probabilities for backward: bytes "
+       "quadratic in seq_len); auto = transformers' default for the model", choices=ATTN_IMPLEMENTATIONS, auto=True),
     _k("run.steps", 3, "int", "optimizer steps", minimum=1),
     _k("run.gradient_checkpointing", False, "bool", "recompute activations in backward"),
     _k("run.seed", 0, "int", "seed for weights and synthetic data", minimum=0),
@@ -133,27 +157,18 @@ SPECS = [
        choices=("torch", "native")),
     _k("allocator.MALLOC_ARENA_MAX", None, "int", "glibc malloc arenas", minimum=1, optional=True),
     _k("allocator.MALLOC_TRIM_THRESHOLD_", None, "int", "glibc trim threshold (bytes)", minimum=0, optional=True),
+    # Unset, glibc raises its mmap threshold to the largest block freed so far (up to 32 MiB), so which
+    # tensors land in the heap depends on the order of frees; set, it stays put and heap_free is predictable.
+    _k("allocator.MALLOC_MMAP_THRESHOLD_", None, "int", "glibc mmap threshold (bytes; fixed, not dynamic)",
+       minimum=0, maximum=32 << 20, optional=True),
     _k("allocator.malloc_trim", "never", "choice", "call malloc_trim(0) explicitly", choices=("never", "each_step")),
 ]
 SPEC_BY_NAME = {s.name: s for s in SPECS}
 
-# memascend.* switches: name -> (DeepSpeed's behaviour, the optimized value).
-# One module each in memlab/engine/memascend/; engine="memascend" turns all on.
-MEMASCEND_SWITCHES = {
-    "memascend.pool": ("fixed", "adaptive"),
-    "memascend.pinning": ("torch", "exact"),
-    "memascend.grad_checks": ("stock", "fused"),
-    "memascend.optimizer_staging": ("stock", "bounded"),
-    "memascend.storage": ("files", "direct"),
-}
-MEMASCEND_DOCS = {
-    "memascend.pool": "parameter swap buffers sized by the partitions that use them, grown on demand",
-    "memascend.pinning": "pinned buffers take exactly their bytes rounded to the page (DeepSpeed's native backend)",
-    "memascend.grad_checks": "overflow check and gradient norm in bounded slices, no buffer-sized temporaries",
-    "memascend.optimizer_staging": "a one-parameter sub-group larger than the staging bound (the embedding) is "
-                                   "stepped slice by slice through bounded buffers; no full-size first-step copy",
-    "memascend.storage": "all swapped tensors at fixed offsets in one preallocated region instead of a file each",
-}
+# memascend.* switches: name -> (DeepSpeed's behaviour, the optimized value), and what each does; one
+# record each in memlab/optimizations.py. engine="memascend" turns all on.
+MEMASCEND_SWITCHES = {o.switch: (o.stock, o.optimized) for o in OPTIMIZATIONS}
+MEMASCEND_DOCS = {o.switch: o.doc for o in OPTIMIZATIONS}
 ENGINES = ("deepspeed", "memascend", "custom")
 
 
@@ -185,6 +200,18 @@ def _optimizer_section(value, source):
     return {**value, "type": kind, "params": dict(params)}
 
 
+def _trainer_auto(name, source):
+    """A ds_config "auto" under zero_optimization, as the HF Trainer fills it; an "auto" the Trainer
+    leaves alone would reach DeepSpeed as a string, which refuses it."""
+    if name in TRAINER_AUTO_RULES:
+        return TRAINER_AUTO
+    spec = SPEC_BY_NAME.get(name)
+    if spec is not None and spec.auto:
+        return AUTO  # memlab's own rule (the spec's doc says which)
+    raise KnobError(f"{source}:{name}", AUTO, "the HF Trainer fills only reduce_bucket_size, "
+                    "stage3_prefetch_bucket_size and stage3_param_persistence_threshold; DeepSpeed refuses \"auto\" here")
+
+
 def _closest(name, candidates):
     match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
     return f"; did you mean {match[0]!r}?" if match else ""
@@ -198,6 +225,8 @@ def _coerce(spec, value):
         raise KnobError(spec.name, value, "must be set (None is not allowed)")
     if spec.auto and value == AUTO:
         return AUTO
+    if value == TRAINER_AUTO and spec.name in TRAINER_AUTO_RULES:
+        return TRAINER_AUTO
     if spec.kind == "bool":
         if isinstance(value, bool):
             return value
@@ -231,7 +260,7 @@ def _coerce(spec, value):
         if value not in spec.choices:
             raise KnobError(spec.name, value, f"must be one of {', '.join(map(str, spec.choices))}")
     elif spec.kind == "bytes":
-        from .budget import parse_bytes
+        from .units import parse_bytes
 
         try:
             value = parse_bytes(value)
@@ -289,6 +318,11 @@ def _nest(flat):
             node = node.setdefault(part, {})
         node[leaf] = value
     return nested
+
+
+# Top-level keys of a ds_config that `--set` takes under DeepSpeed's own names, as a --knobs file does.
+DS_TOP_LEVEL_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                     "gradient_clipping")
 
 
 class Knobs:
@@ -384,6 +418,12 @@ class Knobs:
         changed = {n: v for n, v in self._values.items() if SPEC_BY_NAME.get(n) and SPEC_BY_NAME[n].default != v}
         return f"Knobs(engine={self.engine!r}, {changed})"
 
+    def set_ds(self, values):
+        """A copy with DeepSpeed's own top-level keys (DS_TOP_LEVEL_KEYS) read as a ds_config reads them."""
+        translated = Knobs.from_ds_config(dict(values), engine=self.engine)
+        passthrough = {**self.passthrough, **translated.passthrough}
+        return Knobs({**self._values, **translated._values}, passthrough=passthrough)
+
     # -- ds_config in and out --------------------------------------------------
     @classmethod
     def from_ds_config(cls, config, engine="deepspeed"):
@@ -407,11 +447,17 @@ class Knobs:
                 if stage != 3:
                     raise KnobError(f"{source}:zero_optimization.stage", stage,
                                     "memlab runs ZeRO stage 3 only; set it to 3")
+                if isinstance(value.get("aio"), dict):
+                    raise KnobError(f"{source}:zero_optimization.aio", value["aio"],
+                                    "DeepSpeed reads aio at the top level of the config (inside zero_optimization "
+                                    "it refuses the config); move the section up")
                 zero_extra = {}
                 for name, v in _flatten(value, "zero_optimization.").items():
                     short = name[len("zero_optimization."):]
                     if short in ("stage", "offload_param.nvme_path", "offload_optimizer.nvme_path"):
                         continue  # memlab creates each run's own swap folder
+                    if v == AUTO:
+                        v = _trainer_auto(name, source)
                     if name not in SPEC_BY_NAME and short in DS_ZERO_UNMODELED:
                         zero_extra[short] = v
                     else:
@@ -419,21 +465,41 @@ class Knobs:
                 if zero_extra:
                     passthrough["zero_optimization"] = _nest(zero_extra)
             elif key in ("aio", "data_types"):
-                values.update(_flatten(value, key + "."))
+                section = dict(value)
+                if key == "aio" and "thread_count" in section:
+                    # DeepSpeed 0.19.8 ignores it, as memlab does; say what it became
+                    warnings.warn(f"memlab: {source}: aio.thread_count is the old name of aio.intra_op_parallelism; "
+                                  f"DeepSpeed 0.19.8 ignores it (set intra_op_parallelism to change the I/O threads)",
+                                  stacklevel=2)
+                    section.pop("thread_count")
+                values.update(_flatten(section, key + "."))
             elif key == "train_micro_batch_size_per_gpu":
-                values["run.micro_batch"] = value
+                if value != AUTO:  # "auto": the Trainer's per-device batch, memlab's run.micro_batch
+                    values["run.micro_batch"] = value
             elif key in ("bf16", "fp16"):
-                if value.get("enabled"):
+                if value.get("enabled") is True:  # "auto": the Trainer's default, off (fp32)
                     values["run.dtype"] = key
             elif key == "optimizer":
                 optimizer = _optimizer_section(value, source)
-                if "lr" in optimizer["params"]:
-                    values["run.lr"] = optimizer["params"].pop("lr")
+                params = optimizer["params"]
+                if "lr" in params:
+                    lr = params.pop("lr")
+                    if lr != AUTO:  # "auto": memlab's run.lr, as the Trainer's learning_rate
+                        values["run.lr"] = lr
+                params.update({k: TRAINER_DEFAULTS[k] for k, v in params.items() if v == AUTO and k in TRAINER_DEFAULTS})
                 passthrough["optimizer"] = optimizer
             elif key in ("train_batch_size", "gradient_accumulation_steps"):
-                continue  # derived from run.micro_batch on one rank
+                continue  # derived from run.micro_batch on one rank ("auto" too)
+            elif key == "gradient_clipping" and value == AUTO:
+                passthrough[key] = TRAINER_DEFAULTS[key]
+            elif key == "scheduler" and isinstance(value, dict):
+                passthrough[key] = value  # its "auto" params are filled from the run in to_ds_config
             else:
                 passthrough[key] = value
+        if {"zero_optimization", "bf16", "fp16"} & set(config) and "run.dtype" not in values:
+            # a whole ds_config decides precision as DeepSpeed does: fp32 unless bf16 or fp16 is enabled
+            # (the Trainer's "auto" is off by default); run.dtype "auto" is for memlab's own knobs
+            values["run.dtype"] = "fp32"
         return cls(values, engine=engine, passthrough=passthrough)
 
     def resolve(self, model, accelerator=None):
@@ -441,6 +507,31 @@ class Knobs:
         `accelerator` ("cpu" | "cuda") is the machine the checks assume; None
         means this one (the what-if estimator sizes other machines)."""
         return ResolvedKnobs(self, model, accelerator)
+
+
+def model_dtype(torch_dtype, cuda):
+    """run.dtype "auto" for a model: (dtype, why). The config's torch_dtype, except that fp16
+    on the CPU accelerator (which cannot train in fp16) runs as bf16, the same bytes."""
+    dtype = TORCH_DTYPES.get(str(torch_dtype).removeprefix("torch."))
+    if dtype is None:
+        raise KnobError("run.dtype", AUTO, f"the model's torch_dtype {torch_dtype!r} is not one memlab trains in "
+                                           f"({', '.join(TORCH_DTYPES)}); set run.dtype to one of {', '.join(DTYPES)}")
+    if dtype == "fp16" and not cuda:
+        return "bf16", f"memlab: the model's torch_dtype {torch_dtype}, as bf16 on the CPU accelerator (no fp16 there)"
+    return dtype, f"memlab: the model's torch_dtype {torch_dtype}"
+
+
+def _resolve_attention(values, spec, from_auto):
+    """run.attn_implementation: "auto" is transformers' own choice for the model (sdpa where its class
+    has it); sdpa asked of a class whose default is eager is refused, as transformers would refuse it."""
+    default = spec.attn_implementation
+    name = "run.attn_implementation"
+    if values[name] == AUTO:
+        values[name] = default
+        from_auto[name] = f"transformers' default for {spec.model_type}: {default}"
+    elif values[name] == "sdpa" and default != "sdpa":
+        raise KnobError(name, "sdpa", f"transformers has no sdpa attention for model_type {spec.model_type!r} "
+                                      f"(its default is {default}); use eager")
 
 
 def _merge(base, over):
@@ -463,16 +554,27 @@ class ResolvedKnobs:
     """Knobs with every "auto" replaced for one model, checked for the
     combinations DeepSpeed 0.19.8 accepts and then crashes on."""
 
-    def __init__(self, knobs, model, accelerator=None):
+    def __init__(self, knobs, model, accelerator=None, check=True):
         self.knobs = knobs
         self.model = model
         self.accelerator = accelerator
         values = knobs.flat()
+        self.from_auto = {}  # knob -> the rule an "auto" was resolved with
+        if values["run.dtype"] == AUTO:  # first: the config alone says it
+            values["run.dtype"], self.from_auto["run.dtype"] = model_dtype(
+                getattr(model, "model", model).torch_dtype, _cuda(self))
+        hidden_size = getattr(model, "model", model).hidden_size  # a ModelSpec, or sizing's view of one
+        for name, (rule, apply) in TRAINER_AUTO_RULES.items():
+            if values[name] == TRAINER_AUTO:
+                values[name] = apply(hidden_size)
+                self.from_auto[name] = f"HF Trainer: {rule} = {values[name]}"
+        _resolve_attention(values, getattr(model, "model", model), self.from_auto)
         largest = max(partition_numels(model))
         for name in ("zero_optimization.offload_param.buffer_size", "zero_optimization.sub_group_size",
                      "zero_optimization.reduce_bucket_size"):
             if values[name] == AUTO:
                 values[name] = largest
+                self.from_auto[name] = f"memlab: the largest parameter partition = {largest}"
         plan = staging_plan(partition_numels(model), values["zero_optimization.sub_group_size"],
                             values["memascend.staging_elements"])
         if values["memascend.staging_elements"] != AUTO and plan["bound"] < plan["largest_multi_group"]:
@@ -486,8 +588,21 @@ class ResolvedKnobs:
         self.values = values
         self.largest_partition = largest
         self.num_params = model.num_params
-        for check in CHECKS:
-            check(self)
+        found = self.refusals() if check else []
+        if found:
+            raise found[0]
+        # what DeepSpeed may or may not survive on this model: warned about, then run
+        self.risks = [risk for find in RISKS if (risk := find(self)) is not None]
+
+    def refusals(self):
+        """Every trap check this configuration fails, as KnobErrors (resolve raises the first)."""
+        found = []
+        for refuse in CHECKS:
+            try:
+                refuse(self)
+            except KnobError as exc:
+                found.append(exc)
+        return found
 
     def __getitem__(self, name):
         return self.values[name]
@@ -523,6 +638,8 @@ class ResolvedKnobs:
             if part == "offload_param" and section["device"] == "cpu":
                 for key in ("buffer_count", "buffer_size", "max_in_cpu"):
                     section.pop(key)
+            if part == "offload_param" and section["device"] == "none":
+                section = {"device": "none"}  # DeepSpeed reads no other offload_param key then
             zero[part] = section
         config = copy.deepcopy(self.knobs.passthrough)
         zero = _merge(config.pop("zero_optimization", {}), zero)
@@ -537,6 +654,10 @@ class ResolvedKnobs:
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
         })
+        scheduler = config.get("scheduler")
+        if isinstance(scheduler, dict) and isinstance(scheduler.get("params"), dict):
+            run_values = {"warmup_max_lr": v["run.lr"], "total_num_steps": v["run.steps"], **TRAINER_DEFAULTS}
+            scheduler["params"] = {k: run_values.get(k, p) if p == AUTO else p for k, p in scheduler["params"].items()}
         if v["run.dtype"] == "bf16":
             config["bf16"] = {"enabled": True}
         elif v["run.dtype"] == "fp16":
@@ -568,42 +689,68 @@ def swapped_tensors(r):
     return [t for t in r.model.tensors() if swappable(t.numel, element, r["aio.block_size"])]
 
 
-def _check_live_parameters(r):
+@dataclass(frozen=True)
+class Risk:
+    """A configuration DeepSpeed runs on some models and asserts on others, in a way memlab cannot yet
+    decide from the model: Lab.run warns and runs it; if DeepSpeed then asserts with `crash` in its
+    message, the run's error carries this explanation."""
+    knob: str
+    value: Any
+    reason: str
+    crash: str  # a piece of DeepSpeed's assert message
+
+    def __str__(self):
+        return f"{self.knob}={self.value!r}: {self.reason}"
+
+    def to_dict(self):
+        return {"knob": self.knob, "value": self.value, "reason": self.reason, "crash": self.crash}
+
+
+def _risk_live_parameters(r):
     live = r["zero_optimization.stage3_max_live_parameters"]
-    prefetch = r["zero_optimization.stage3_prefetch_bucket_size"]
-    if r.real_param_swapping and live > 0 and prefetch > 0:
-        # Read-ahead puts the parameter used last in forward and first in backward
-        # into one swap-in twice (measured: ids=[20, 20]).
-        raise KnobError("zero_optimization.stage3_max_live_parameters", live,
-                        "must be 0 when parameters swap through NVMe and stage3_prefetch_bucket_size > 0; "
-                        "otherwise step 2 fails with 'param N already assigned swap buffer'")
+    if r.real_param_swapping and live > 0 and r["zero_optimization.stage3_prefetch_bucket_size"] > 0:
+        # plain DeepSpeed, 3 steps: tiny-llama fails at step 2 (param 20, swapped in by read-ahead while the
+        # last forward still holds it), small-llama and qwen-embed run, at 1e6 and 1e7 alike
+        return Risk("zero_optimization.stage3_max_live_parameters", live,
+                    "above 0 while parameters swap through NVMe with prefetching, DeepSpeed's read-ahead can swap "
+                    "in a parameter the last forward still holds; on some models step 2 then fails with "
+                    "'already assigned swap buffer' (set it to 0 to be sure)", "already assigned swap buffer")
+    return None
 
 
-def _check_reuse_distance(r):
+def _risk_reuse_distance(r):
     distance = r["zero_optimization.stage3_max_reuse_distance"]
-    if not r.real_param_swapping or distance == 0:
-        return
-    # Kept partitions hold their buffers: it runs only when every swapped
-    # tensor can keep one (measured: 30 swapped tensors fail at 5 buffers, run at 32).
-    needed = len(swapped_tensors(r)) + 2
-    count = r["zero_optimization.offload_param.buffer_count"]
-    if count < needed and not _adaptive_pool(r):
-        raise KnobError("zero_optimization.stage3_max_reuse_distance", distance,
-                        f"> 0 with parameters swapping through NVMe needs offload_param.buffer_count >= {needed} "
-                        f"(the {needed - 2} swapped tensors + 2), else step 2 fails with 'Not enough buffers'; "
-                        f"set it to 0")
+    if not r.real_param_swapping or distance == 0 or _adaptive_pool(r):
+        return None
+    count, swapped = r["zero_optimization.offload_param.buffer_count"], len(swapped_tensors(r))
+    if count >= swapped + 2:
+        return None
+    # parameters kept for reuse hold their swap buffers; plain DeepSpeed ran small-llama (30 swapped
+    # tensors) with 5 buffers at 1e3 and 1e7, and failed at 1e9
+    return Risk("zero_optimization.stage3_max_reuse_distance", distance,
+                f"above 0, kept parameters hold their swap buffers and {count} buffers cannot hold all "
+                f"{swapped} swapped tensors; if too many are kept at once step 2 fails with "
+                f"'Not enough buffers' (set it to 0, or give buffer_count >= {swapped + 2})", "Not enough")
+
+
+def _risk_pipelined_buffers(r):
+    count = r["zero_optimization.offload_optimizer.buffer_count"]
+    pipelined = r["zero_optimization.offload_optimizer.pipeline_read"] or \
+        r["zero_optimization.offload_optimizer.pipeline_write"]
+    if r["zero_optimization.offload_optimizer.device"] == "nvme" and pipelined and count < 12:
+        # each sub-group in flight holds Adam's 4 buffers, and up to three are (being written, in use, being
+        # read); plain DeepSpeed ran tiny-llama with both pipelines and 8
+        return Risk("zero_optimization.offload_optimizer.buffer_count", count,
+                    "pipelined optimizer swapping keeps up to three sub-groups' 4 buffers each in flight; with "
+                    "fewer than 12 the optimizer step can fail with 'ran out of swap buffers' or a bare assert",
+                    "AssertionError")
+    return None
 
 
 def _check_optimizer_buffers(r):
     if r["zero_optimization.offload_optimizer.device"] != "nvme":
         return
     count = r["zero_optimization.offload_optimizer.buffer_count"]
-    pipelined = r["zero_optimization.offload_optimizer.pipeline_read"] or \
-        r["zero_optimization.offload_optimizer.pipeline_write"]
-    if pipelined and count < 12:
-        raise KnobError("zero_optimization.offload_optimizer.buffer_count", count,
-                        "pipelined optimizer swapping (pipeline_read/pipeline_write) needs at least 12 buffers "
-                        "(3 x Adam's 4 tensors)")
     if count < 4:
         raise KnobError("zero_optimization.offload_optimizer.buffer_count", count,
                         "Adam needs at least 4 optimizer swap buffers (3 states + the gradient)")
@@ -622,14 +769,8 @@ def _check_param_buffer_count(r):
 
 def init_gather_group(tensors):
     """Most swapped tensors gathered at once by transformers' initialize_weights_zero3:
-    a module's own parameters plus those of its direct children."""
-    groups = {}
-    for t in tensors:
-        module = t.name.rsplit(".", 1)[0]
-        parent = module.rsplit(".", 1)[0] if "." in module else ""
-        for group in {module, parent}:
-            groups[group] = groups.get(group, 0) + 1
-    return max(groups.values(), default=0)
+    a module's own parameters plus those of its direct children (ds_rules.module_groups)."""
+    return largest_module_group([t.name for t in tensors])
 
 
 def _check_fast_init(r):
@@ -639,10 +780,9 @@ def _check_fast_init(r):
         raise KnobError("zero_optimization.offload_optimizer.fast_init", True,
                         "not supported with memascend.pool=adaptive (it stages init through whole fixed buffers)")
     numels = [t.numel for t in r.model.tensors()]
-    element = 4
-    largest = aligned_numel(sum(largest_sub_group(numels, r["zero_optimization.sub_group_size"])), element,
+    largest = aligned_numel(sum(largest_sub_group(numels, r["zero_optimization.sub_group_size"])), FP32,
                             r["aio.intra_op_parallelism"])
-    per_buffer = aligned_numel(r["zero_optimization.offload_param.buffer_size"], element,
+    per_buffer = aligned_numel(r["zero_optimization.offload_param.buffer_size"], FP32,
                                r["aio.intra_op_parallelism"])
     if per_buffer < largest:
         raise KnobError("zero_optimization.offload_optimizer.fast_init", True,
@@ -660,37 +800,12 @@ def _check_dtype(r):
         raise KnobError("run.dtype", "fp16", "fp16 training needs a GPU; on the CPU accelerator use fp32 or bf16")
 
 
-def _cuda_present():
-    # Checked without importing torch: the NVIDIA driver exposes this file.
-    return os.path.exists("/proc/driver/nvidia/version")
-
-
 def _check_gds(r):
     if r["aio.use_gds"] and not _cuda(r):
         raise KnobError("aio.use_gds", True, "GPUDirect Storage needs a CUDA GPU")
 
 
-def _check_bounded_staging(r):
-    if r.values.get("memascend.optimizer_staging") != "bounded":
-        return
-    if r["zero_optimization.offload_optimizer.pipeline_read"] or r["zero_optimization.offload_optimizer.pipeline_write"]:
-        raise KnobError("memascend.optimizer_staging", "bounded",
-                        "not supported with offload_optimizer.pipeline_read/pipeline_write")
-    if r["zero_optimization.offload_optimizer.ratio"] != 1.0:
-        raise KnobError("memascend.optimizer_staging", "bounded", "needs offload_optimizer.ratio 1.0")
-
-
-def _check_storage_device(r):
-    device = r.values.get("memascend.storage_device")
-    if device and r.values.get("memascend.storage") != "direct":
-        raise KnobError("memascend.storage_device", device, "needs memascend.storage=direct")
-
-
-def _check_adaptive_gds(r):
-    if _adaptive_pool(r) and r["aio.use_gds"]:
-        raise KnobError("memascend.pool", "adaptive", "not supported with aio.use_gds (GDS keeps the pool on the GPU)")
-
-
-CHECKS = [_check_param_buffer_size, _check_live_parameters, _check_reuse_distance, _check_optimizer_buffers, _check_param_buffer_count,
-          _check_fast_init, _check_dtype, _check_gds, _check_adaptive_gds, _check_bounded_staging,
-          _check_storage_device]
+# Checks of DeepSpeed's own knobs, then those each optimization adds (its record's).
+CHECKS = [_check_param_buffer_size, _check_optimizer_buffers, _check_param_buffer_count, _check_fast_init,
+          _check_dtype, _check_gds] + [check for o in OPTIMIZATIONS for check in o.checks]
+RISKS = [_risk_live_parameters, _risk_reuse_distance, _risk_pipelined_buffers]

@@ -15,18 +15,26 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 
-from . import oplocks
+from . import oplocks, protocol
 from . import runs as R
-from .runs import SWAP_MARKER
+from . import shapes
+from .protocol import (EVENTS_FILE, IN_FLIGHT_PREFIX, REQUEST_FILE, SWAP_MARKER, WORKER_LOG, make_swap_folder,
+                       no_space_left, rank_files, remove_swap_folder, swap_folder_owner)
 from .knobs import DTYPE_BYTES, Knobs, KnobError
 from .models import ModelSpec
 from .budget import CgroupLimit, growing_component
 from .sizing import nvme_footprint
+from .summary import summarize
 from .telemetry import read_status
 from .telemetry import decode_lines
+from .units import format_bytes, format_in
 
 FOLLOW_INTERVAL = 0.1
+# Stop: a worker ends itself at once (it raises where it is); one stuck in
+# native code gets this long before its whole process group is killed.
+STOP_GRACE_SECONDS = 5.0
 
 
 def default_store():
@@ -60,12 +68,12 @@ def check_swap_root(path):
         raise KnobError(knob, path, "is not a folder")
     if not os.access(path, os.W_OK | os.X_OK):
         raise KnobError(knob, path, "is not writable")
-    foreign = sorted(name for name in os.listdir(path)
-                     if not os.path.isfile(os.path.join(path, name, SWAP_MARKER)))
+    foreign = sorted(name for name in os.listdir(path) if not name.startswith(IN_FLIGHT_PREFIX)
+                     and not os.path.isfile(os.path.join(path, name, SWAP_MARKER)))
     if foreign:
         raise KnobError(knob, path, f"holds files memlab did not create ({foreign[0]!r}); name an empty folder "
                                     f"or one memlab made")
-    probe = os.path.join(path, f".memlab-odirect-{os.getpid()}-{secrets.token_hex(2)}")
+    probe = os.path.join(path, f"{IN_FLIGHT_PREFIX}odirect-{os.getpid()}-{secrets.token_hex(2)}")
     try:
         fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600)
         os.close(fd)
@@ -81,31 +89,19 @@ def remove_orphaned_swap_folders(root):
     notebook kernel): memlab made them (marker), nobody follows them anymore."""
     for name in os.listdir(root):
         folder = os.path.join(root, name)
-        marker = os.path.join(folder, SWAP_MARKER)
         try:
-            with open(marker) as f:
-                owner = int(f.read().split()[0])
+            owner = swap_folder_owner(folder)
         except (OSError, ValueError, IndexError):
             continue
-        if not _alive(owner):
-            _remove_swap_folder(folder)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        if not protocol.alive(owner):
+            remove_swap_folder(folder)
 
 
 def check_free_space(path, needed, knob="run.swap_dir"):
     free = shutil.disk_usage(path).free
     if free < needed:
-        raise KnobError(knob, path, f"has {free / 2**20:.0f} MiB free; this run swaps about "
-                                    f"{needed / 2**20:.0f} MiB to it")
+        raise KnobError(knob, path, f"has {format_in(free, 'MiB', 0)} free; this run swaps about "
+                                    f"{format_in(needed, 'MiB', 0)} to it")
 
 
 def mounted_devices():
@@ -229,10 +225,10 @@ class WorkerProcess:
                 continue
         return total
 
-    def stop(self, timeout=30):
-        """SIGTERM (the worker stops between phases), then SIGKILL the group."""
+    def stop(self, timeout=STOP_GRACE_SECONDS):
+        """SIGTERM (the worker stops where it is), then SIGKILL the group."""
         self.stop_requested = True
-        if self.popen.poll() is None:
+        if self.poll() is None:
             self._signal_group(signal.SIGTERM)
             deadline = time.monotonic() + timeout
             while self.poll() is None and time.monotonic() < deadline:
@@ -305,6 +301,9 @@ class Lab:
         `overrides`: knob changes, `steps=5` or `**{"aio.block_size": 2**21}`."""
         knobs, spec, resolved = self.plan(knobs, model, engine, data, **overrides)
         warn_if_over_budget(knobs, spec, resolved)
+        for risk in resolved.risks:
+            warnings.warn(f"memlab: {risk}; running it", stacklevel=2)
+        shapes.release()  # the shape helper holds torch: not beside the worker (Binder's 2 GB)
         run_id = new_run_id()
         footprint = nvme_footprint(
             [t.numel for t in spec.tensors()], DTYPE_BYTES[resolved["run.dtype"]], resolved["aio.block_size"],
@@ -316,8 +315,12 @@ class Lab:
         os.makedirs(run_dir)
         request = {
             "run_id": run_id,
+            "vocab_size": spec.vocab_size,
             "knobs": resolved.values,
             "knobs_nested": resolved.to_dict(),
+            "from_auto": resolved.from_auto,
+            "risks": [risk.to_dict() for risk in resolved.risks],  # their explanations, should DeepSpeed assert
+            "staging_plan": resolved.staging_plan,  # computed once, by the knobs; the worker's engine patches use it
             "model": spec.to_dict(),
             "ds_config": resolved.to_ds_config(swap_path),
             "swap_path": swap_path,
@@ -325,15 +328,15 @@ class Lab:
             "data": None if data is None else [r if isinstance(r, str) else list(r) for r in data],
             "t0": time.monotonic(),  # every rank's events count time from here (one clock per machine)
         }
-        with open(os.path.join(run_dir, "request.json"), "w") as f:
+        with open(os.path.join(run_dir, REQUEST_FILE), "w") as f:
             json.dump(request, f, indent=1)
         env = self._worker_env(resolved)
         try:
             process = WorkerProcess(worker_command(resolved, run_dir, env["MASTER_PORT"]), env,
-                                    os.path.join(run_dir, "worker.log"), budget=resolved["run.budget"],
+                                    os.path.join(run_dir, WORKER_LOG), budget=resolved["run.budget"],
                                     name=f"memlab-{run_id}")
         except OSError:
-            _remove_swap_folder(swap_path)
+            remove_swap_folder(swap_path)
             shutil.rmtree(run_dir, ignore_errors=True)  # memlab made it a moment ago; nothing ran
             raise
         run = R.Run(run_dir)
@@ -355,11 +358,7 @@ class Lab:
         check_swap_root(root)
         remove_orphaned_swap_folders(root)
         check_free_space(root, needed)
-        path = os.path.join(root, run_id)
-        os.makedirs(path)  # unique per run: never shared, never pre-existing
-        with open(os.path.join(path, SWAP_MARKER), "w") as f:
-            f.write(f"{os.getpid()} {run_id}\n")  # who follows this run: its folder is orphaned once it is gone
-        return path
+        return make_swap_folder(root, run_id)  # unique per run: never shared, never pre-existing
 
     def _worker_env(self, resolved):
         env = dict(os.environ)
@@ -369,7 +368,7 @@ class Lab:
             "MEMLAB_PARENT_PID": str(os.getpid()),
             "DS_PIN_MEMORY_BACKEND": resolved["allocator.DS_PIN_MEMORY_BACKEND"],
         })
-        for name in ("MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_"):
+        for name in ("MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"):
             value = resolved[f"allocator.{name}"]
             if value is None:
                 env.pop(name, None)
@@ -386,7 +385,7 @@ class Lab:
 
         def read_new():
             new = []
-            for path in R.rank_files(run.path).values():
+            for path in rank_files(run.path).values():
                 with open(path) as f:
                     f.seek(offsets.get(path, 0))
                     chunk = f.read()
@@ -406,11 +405,12 @@ class Lab:
                 process.check_budget()
                 time.sleep(FOLLOW_INTERVAL)
             read_new()
+            run._settle_order()
             returncode = process.poll()
             disk_full = no_space_left(swap_path)  # before our own files are removed
         finally:
             process._reap_group()
-            _remove_swap_folder(swap_path)
+            remove_swap_folder(swap_path)
         expected = range(run_ranks(run))
         unreported = [r for r in expected if not any(e["kind"] == "run_end" and e.get("rank", 0) == r
                                                      for e in run.events)]
@@ -425,7 +425,7 @@ class Lab:
             if disk_full and not process.stop_requested:
                 # DeepSpeed's aio aborts the process on a failed write: name the real cause
                 error = f"no space left on {swap_path} ({error})"
-        summary = R.summarize(run.events, status=status, error=error)
+        summary = summarize(run.events, status=status, error=error)
         R.write_summary(run.path, summary)
         run.worker_max_rss_bytes = process.max_rss_bytes
         if run in self.live:
@@ -461,12 +461,10 @@ class Lab:
     # -- the store ----------------------------------------------------------------------
     def runs(self):
         """Every run in the store, oldest first (runs that cannot be read are skipped with a warning)."""
-        import warnings
-
         found = []
         for name in sorted(os.listdir(self.store)):
             path = os.path.join(self.store, name)
-            if not os.path.isfile(os.path.join(path, R.EVENTS_FILE)):
+            if not os.path.isfile(os.path.join(path, EVENTS_FILE)):
                 continue
             live = next((r for r in self.live if r.path == path), None)
             if live is not None:
@@ -484,10 +482,7 @@ def warn_if_over_budget(knobs, spec, resolved):
     budget = resolved["run.budget"]
     if not budget:
         return
-    import warnings
-
     from .sizing import Hardware, estimate
-    from .views.figures import format_bytes
 
     predicted = estimate(spec, knobs, Hardware(ranks_per_node=resolved["run.ranks"]))
     peak = predicted.node_peak_host_bytes
@@ -501,23 +496,10 @@ def warn_if_over_budget(knobs, spec, resolved):
 def run_ranks(run):
     """Ranks a run was started with (on this node)."""
     try:
-        with open(os.path.join(run.path, "request.json")) as f:
+        with open(os.path.join(run.path, REQUEST_FILE)) as f:
             return json.load(f)["knobs"].get("run.ranks", 1)
     except (OSError, ValueError, KeyError):
         return 1
-
-
-def no_space_left(path):
-    """Is the file system of this swap folder (nearly) full?"""
-    if not path or not os.path.isdir(path):
-        return False
-    return shutil.disk_usage(path).free < 2 << 20
-
-
-def _remove_swap_folder(path):
-    """Remove a run's swap folder, only if memlab created it (marker file)."""
-    if path and os.path.isfile(os.path.join(path, SWAP_MARKER)):
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _death_cause(returncode, events, stop_requested):
@@ -533,8 +515,6 @@ def _death_cause(returncode, events, stop_requested):
 
 
 def _budget_cause(process, events):
-    from .views.figures import format_bytes
-
     phase = next((e for e in reversed(events) if e["kind"] == "phase"), {})
     samples = [e for e in events if e["kind"] == "sample"]
     rss, by = process.over_budget

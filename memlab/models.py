@@ -1,13 +1,14 @@
 """ModelSpec: which model a run fine-tunes, and its tensor shapes.
 
 A ModelSpec is an HF config.json dict plus a name and where it came from
-(a preset, a config.json file, a local checkpoint directory, or a dict).
-The sizing model needs every parameter tensor's shape; `tensors()` derives
-them from the config alone, in the order and with the names of
-`model.named_parameters()`, so predictions line up with what the engine
-partitions. Only stdlib here: importing memlab must not import torch,
-transformers or deepspeed (DESIGN.md); `hf_config()` imports transformers
-when a run actually needs it.
+(a preset, a config.json file, a local checkpoint directory, or a dict), for
+any causal LM transformers can build. Its parameters are the model's own:
+transformers builds it without memory (memlab.shapes) and `tensors()` lists
+what `model.named_parameters()` lists, names, shapes, dtypes and order, a
+tied weight once, so predictions line up with what the engine partitions.
+Only stdlib here: importing memlab must not import torch, transformers or
+deepspeed (the derivation runs in a helper process, the engine in a worker);
+`hf_config()` imports transformers when a run actually needs it.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ import copy
 import difflib
 import json
 import os
+import re
 from importlib import resources
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
+
+from . import shapes
+from .errors import InputError
 
 DEFAULT_PRESET = "tiny-llama"
 
@@ -25,26 +30,15 @@ DEFAULT_PRESET = "tiny-llama"
 # HF config field, so the loader moves it to `spec.description`.
 DESCRIPTION_KEY = "_memlab_description"
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
-REQUIRED_SIZE_FIELDS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "vocab_size",
-    "intermediate_size",
-    "num_attention_heads",
-)
-
-# What transformers uses when `num_key_value_heads` is absent from the
-# config (None means "same as num_attention_heads"). These differ per
-# architecture, and the real model's k/v shapes follow them.
-_KV_HEADS_DEFAULT = {"llama": None, "mistral": 8, "qwen2": 32}
-
-# transformers' default for `tie_word_embeddings` per architecture.
-_TIE_DEFAULT = {"llama": False, "mistral": False, "qwen2": False}
+# Config fields that, where a config has them, are sizes: positive integers (checked before transformers
+# builds anything, so the message names the field).
+SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "n_embd", "n_layer", "n_head", "num_local_experts",
+               "num_experts", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(InputError):
     """A model name, file or config that memlab cannot use (one-line message)."""
 
 
@@ -52,6 +46,7 @@ class TensorSpec(NamedTuple):
     name: str
     shape: tuple
     numel: int
+    dtype: str = "float32"  # as transformers builds it (the engine casts to run.dtype)
 
 
 class ModelSpec:
@@ -103,8 +98,14 @@ class ModelSpec:
     @classmethod
     def from_path(cls, path: str) -> "ModelSpec":
         """From a config.json file or a local HF checkpoint directory (weights are not read)."""
-        path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+        given = os.fspath(path)
+        path = os.path.abspath(os.path.expanduser(given))
         if not os.path.exists(path):
+            if HUB_ID.fullmatch(given):
+                raise ModelSpecError(
+                    f"model: {given!r} is not a local path; as a Hugging Face Hub id it needs its config.json "
+                    f"here first (memlab reads no network): `huggingface-cli download {given} config.json "
+                    f"--local-dir DIR`, then pass DIR")
             raise ModelSpecError(f"{path}: model path does not exist")
         if os.path.isdir(path):
             config_file = os.path.join(path, "config.json")
@@ -174,36 +175,60 @@ class ModelSpec:
         return self.config["model_type"]
 
     @property
+    def structure(self) -> dict:
+        """What transformers builds for this config (memlab.shapes.describe): parameters, the input and
+        output embeddings, the decoder layers and the last module each runs."""
+        try:
+            return shapes.describe(self.config)
+        except shapes.ShapeError as exc:
+            raise ModelSpecError(f"{_where(self.name, self.source)}: {exc}") from None
+
+    def prepare(self, dtype=None, checkpointing=False, attn_implementation=None) -> None:
+        """Derive at once (one helper request) the structure and, for `dtype`, what is saved without
+        gradient checkpointing and, if `checkpointing`, with it; an error waits for its question.
+        `attn_implementation` None: transformers' default for the model."""
+        pairs = [(self.config, shapes.describe_question())]
+        if dtype is not None:
+            pairs.append((self.config, shapes.saved_question(dtype, False, attn_implementation)))
+            if checkpointing:
+                pairs.append((self.config, shapes.saved_question(dtype, True, attn_implementation)))
+        try:
+            shapes.prepare(pairs)
+        except shapes.ShapeError as exc:
+            raise ModelSpecError(f"{_where(self.name, self.source)}: {exc}") from None
+
+    def saved_activations(self, dtype: str, checkpointing: bool,
+                          attn_implementation: Optional[str] = None) -> "shapes.SavedActivations":
+        """What autograd saves in training, per segment, at any micro batch and sequence length, with
+        transformers' attention `attn_implementation` (None: its default for the model)."""
+        try:
+            if attn_implementation == self.attn_implementation:
+                attn_implementation = None  # the default's own question: derived once, whichever way it is named
+            terms = shapes.saved_terms(self.config, dtype, checkpointing, attn_implementation)
+        except shapes.ShapeError as exc:
+            raise ModelSpecError(f"{_where(self.name, self.source)}: activations: {exc}") from None
+        return shapes.SavedActivations(terms, self.num_layers)
+
+    @property
+    def attn_implementation(self) -> str:
+        """The attention transformers builds this model with by default (sdpa where its class has it)."""
+        return self.structure["attn_implementation"]
+
+    @property
     def vocab_size(self) -> int:
-        return self.config["vocab_size"]
+        return self.structure["vocab_size"]
 
     @property
     def hidden_size(self) -> int:
-        return self.config["hidden_size"]
+        return self.structure["hidden_size"]
 
     @property
     def num_layers(self) -> int:
-        return self.config["num_hidden_layers"]
-
-    @property
-    def intermediate_size(self) -> int:
-        return self.config["intermediate_size"]
-
-    @property
-    def num_heads(self) -> int:
-        return self.config["num_attention_heads"]
-
-    @property
-    def num_kv_heads(self) -> int:
-        return _num_kv_heads(self.config)
-
-    @property
-    def head_dim(self) -> int:
-        return _head_dim(self.config)
+        return self.structure["num_layers"]
 
     @property
     def tied_embeddings(self) -> bool:
-        return _tied(self.config)
+        return self.structure["tied"]
 
     @property
     def torch_dtype(self) -> str:
@@ -216,34 +241,12 @@ class ModelSpec:
 
     def tensors(self) -> list:
         """Every parameter as TensorSpec, in `model.named_parameters()` order."""
-        c = self.config
-        h, inter = self.hidden_size, self.intermediate_size
-        q_out = self.num_heads * self.head_dim
-        kv_out = self.num_kv_heads * self.head_dim
-        qkv_bias, o_bias, mlp_bias = _biases(c)
-
-        out = [_t("model.embed_tokens.weight", self.vocab_size, h)]
-        for i in range(self.num_layers):
-            attn = f"model.layers.{i}.self_attn"
-            mlp = f"model.layers.{i}.mlp"
-            out += _linear(f"{attn}.q_proj", h, q_out, qkv_bias)
-            out += _linear(f"{attn}.k_proj", h, kv_out, qkv_bias)
-            out += _linear(f"{attn}.v_proj", h, kv_out, qkv_bias)
-            out += _linear(f"{attn}.o_proj", q_out, h, o_bias)
-            out += _linear(f"{mlp}.gate_proj", h, inter, mlp_bias)
-            out += _linear(f"{mlp}.up_proj", h, inter, mlp_bias)
-            out += _linear(f"{mlp}.down_proj", inter, h, mlp_bias)
-            out.append(_t(f"model.layers.{i}.input_layernorm.weight", h))
-            out.append(_t(f"model.layers.{i}.post_attention_layernorm.weight", h))
-        out.append(_t("model.norm.weight", h))
-        # A tied lm_head shares embed_tokens' Parameter; named_parameters lists it once.
-        if not self.tied_embeddings:
-            out.append(_t("lm_head.weight", self.vocab_size, h))
-        return out
+        return [TensorSpec(name, tuple(shape), _numel(shape), dtype)
+                for name, shape, dtype in self.structure["parameters"]]
 
     @property
     def num_params(self) -> int:
-        return sum(t.numel for t in self.tensors())
+        return sum(_numel(shape) for _, shape, _ in self.structure["parameters"])
 
     @property
     def largest_tensor(self) -> TensorSpec:
@@ -259,95 +262,30 @@ class ModelSpec:
         return transformers.AutoConfig.for_model(**copy.deepcopy(self.config))
 
 
-# ---------------------------------------------------------------- shapes
-
-
-def _t(name: str, *shape: int) -> TensorSpec:
+def _numel(shape) -> int:
     numel = 1
     for n in shape:
         numel *= n
-    return TensorSpec(name, tuple(shape), numel)
-
-
-def _linear(prefix: str, in_features: int, out_features: int, bias: bool) -> list:
-    # nn.Linear registers weight (out, in) then bias (out,).
-    tensors = [_t(f"{prefix}.weight", out_features, in_features)]
-    if bias:
-        tensors.append(_t(f"{prefix}.bias", out_features))
-    return tensors
-
-
-def _biases(config: dict) -> tuple:
-    """(q/k/v bias, o_proj bias, mlp bias) as the transformers modules build them."""
-    model_type = config["model_type"]
-    if model_type == "qwen2":
-        return True, False, False  # Qwen2Attention hard-codes bias on q/k/v only
-    if model_type == "llama":
-        attn = bool(config.get("attention_bias") or False)
-        return attn, attn, bool(config.get("mlp_bias") or False)
-    return False, False, False  # mistral: no biases, no switches
-
-
-def _num_kv_heads(config: dict) -> int:
-    if "num_key_value_heads" in config:
-        kv = config["num_key_value_heads"]
-    else:
-        kv = _KV_HEADS_DEFAULT[config["model_type"]]
-    return config["num_attention_heads"] if kv is None else kv
-
-
-def _head_dim(config: dict) -> int:
-    head_dim = config.get("head_dim")
-    if head_dim is None:
-        return config["hidden_size"] // config["num_attention_heads"]
-    return head_dim
-
-
-def _tied(config: dict) -> bool:
-    tied = config.get("tie_word_embeddings")
-    return _TIE_DEFAULT[config["model_type"]] if tied is None else tied
+    return numel
 
 
 # ---------------------------------------------------------------- validation
 
 
 def _validate(config: dict, where: str) -> None:
-    if "model_type" not in config:
+    """What can be said before transformers builds the model; the build itself checks the rest."""
+    model_type = config.get("model_type")
+    if model_type is None:
         raise ModelSpecError(f"{where}: missing required field 'model_type'")
-    model_type = config["model_type"]
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelSpecError(
-            f"{where}: model_type {model_type!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
-    for field in REQUIRED_SIZE_FIELDS:
-        if field not in config:
-            raise ModelSpecError(f"{where}: missing required field {field!r}")
-        _check_size(config, field, where)
-    for field in ("num_key_value_heads", "head_dim"):
+    if not isinstance(model_type, str) or not model_type:
+        raise ModelSpecError(f"{where}: field 'model_type' must be a name, got {model_type!r}")
+    for field in SIZE_FIELDS:
         if config.get(field) is not None:
             _check_size(config, field, where)
     for field in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
         value = config.get(field)
         if value is not None and not isinstance(value, bool):
             raise ModelSpecError(f"{where}: field {field!r} must be true or false, got {value!r}")
-
-    heads = config["num_attention_heads"]
-    kv = _num_kv_heads(config)
-    if heads % kv != 0:
-        # repeat_kv needs a whole number of query heads per key/value head.
-        origin = "" if "num_key_value_heads" in config else f" (transformers' {model_type} default when absent)"
-        raise ModelSpecError(
-            f"{where}: field 'num_key_value_heads' = {kv}{origin} does not divide "
-            f"num_attention_heads = {heads}"
-        )
-    if config.get("head_dim") is None or model_type == "llama":
-        # Without head_dim the width is split evenly across heads; LlamaConfig insists always.
-        if config["hidden_size"] % heads != 0:
-            raise ModelSpecError(
-                f"{where}: field 'hidden_size' = {config['hidden_size']} is not a multiple of "
-                f"num_attention_heads = {heads}"
-            )
 
 
 def _check_size(config: dict, field: str, where: str) -> None:

@@ -12,9 +12,12 @@ import os
 import sys
 import time
 
+from .errors import RunError
 
-class StaleOpLock(RuntimeError):
-    pass
+
+class StaleOpLock(RunError):
+    """A build lock no live process holds: every later load of that op would
+    wait forever. Refused before a run starts, with the command that clears it."""
 
 
 def extensions_root():

@@ -12,6 +12,8 @@ import os
 import threading
 import time
 
+from . import ds_rules
+
 SCHEMA = 1
 
 KINDS = (
@@ -26,14 +28,15 @@ KINDS = (
     "error",  # message, traceback
     "run_end",  # status, summary
 )
-STATUSES = ("ok", "failed", "stopped", "over_budget")  # run_end status (DESIGN.md)
+STATUSES = ("ok", "failed", "stopped", "over_budget")  # run_end status, and the summary's `status`
 BACKENDS = ("aio-mlock", "native-mlock", "torch-pinned", "pageable")
 PINNED_BACKENDS = frozenset({"aio-mlock", "native-mlock", "torch-pinned"})
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def page_round(nbytes):
-    return -(-int(nbytes) // PAGE) * PAGE
+    """ds_rules.page_round with this machine's page: what a locked buffer of nbytes takes here."""
+    return ds_rules.page_round(nbytes, PAGE)
 
 
 def encode(event):
@@ -69,6 +72,7 @@ class EventWriter:
     """Append-only, line-buffered writer; safe to call from several threads."""
 
     def __init__(self, path, clock_start=None, rank=None):
+        self.path = path
         self._f = open(path, "a", buffering=1)
         self._lock = threading.Lock()
         # CLOCK_MONOTONIC is one clock for every process of a machine: ranks

@@ -164,7 +164,7 @@ panel.status.value
 # A real run here (the CPU accelerator, so activations and the reduce bucket
 # are host memory too), predicted first, then measured. Pools and flat
 # buffers are predicted to the byte; the peaks come within a few percent
-# (`tests/test_sizing_accuracy.py` checks ten such runs).
+# (`tests/engine/test_sizing_accuracy.py` checks ten such runs).
 
 # %%
 lab = memlab.Lab()

@@ -26,14 +26,32 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 VPY=.venv/bin/python
-if ! $VPY -c "import torch" 2>/dev/null; then
-    # The CPU build first: an unpinned torch would pull a several-GB CUDA build.
-    echo "setup: installing torch 2.13.0 (CPU)"
-    $VPY -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-    $VPY -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+quiet_pip() {  # pip's output only when it fails: a set-up that works prints one line a step
+    local log status=0
+    log=$(mktemp)
+    $VPY -m pip "$@" >"$log" 2>&1 || status=$?
+    [ "$status" -eq 0 ] || cat "$log" >&2
+    rm -f "$log"
+    return "$status"
+}
+# The locked environment: every package at the exact version requirements.lock
+# names (scripts/lock.py refreshes it), installed without resolving anything,
+# so a release upstream cannot change what the suite runs with. torch==2.13.0
+# there is the CPU wheel on this machine's disk (pip's find-links).
+pin() { grep -E "^$1==" requirements.lock; }
+if [ "$($VPY -m pip --version | cut -d' ' -f2)" != "$(pin pip | cut -d= -f3)" ]; then
+    quiet_pip install -q "$(pin pip)"
 fi
-echo "setup: installing memlab${MEMLAB_EXTRAS:+[$MEMLAB_EXTRAS]}"
-$VPY -m pip install -q -e ".${MEMLAB_EXTRAS:+[$MEMLAB_EXTRAS]}" 2>&1 | grep -v "^WARNING: Location" || true
+if ! $VPY scripts/lock.py check 2>/dev/null; then
+    echo "setup: installing the locked environment (requirements.lock)"
+    quiet_pip install -q --no-deps -r requirements.lock
+fi
+# (asked from / : in this folder python would find ./memlab whether installed or not)
+if [ "$(cd / && "$OLDPWD/$VPY" -c 'import memlab, os; print(os.path.dirname(os.path.dirname(memlab.__file__)))' 2>/dev/null)" != "$PWD" ]; then
+    echo "setup: installing memlab (editable)"
+    quiet_pip install -q --no-deps --no-build-isolation -e .
+fi
+$VPY -m pip check >/dev/null || { $VPY -m pip check >&2; echo "setup: the locked environment is inconsistent" >&2; exit 1; }
 $VPY -c "import memlab, deepspeed, torch" >/dev/null 2>&1 || { echo "setup: install failed" >&2; exit 1; }
 
 # DeepSpeed JIT-builds its ops on first use (minutes): do it once here.

@@ -3,7 +3,7 @@
 DeepSpeed compiles async_io, cpu_adam, pin_memory and the shared-memory comm
 op on first use (minutes on 2 cores). Doing it here means runs, tests and
 notebooks never pay for it; a worker that still finds one missing reports
-each build as it goes.
+each build as it goes. An op already built is loaded without a word.
 """
 import sys
 import time
@@ -23,9 +23,11 @@ def _built(builder):
     return bool(glob.glob(os.path.join(folder, "*.so")))
 
 
-def build_all(report=None, only_missing=False):
-    """Build (or load) every op memlab's runs use. `report(message)` gets a
-    line before and after each build; stale build locks fail loudly first."""
+def build_all(report=None, load_built=True):
+    """Build every op memlab's runs use that is not built yet; `report(message)`
+    gets a line before and after each build. With `load_built`, ops already
+    built are loaded too (their sources are checked, quietly). Stale build
+    locks fail loudly first."""
     from deepspeed.accelerator import get_accelerator
 
     report = report or (lambda message: print(f"memlab: {message}", file=sys.stderr, flush=True))
@@ -36,7 +38,9 @@ def build_all(report=None, only_missing=False):
         if builder is None or not builder.is_compatible(verbose=False):
             report(f"{name} is not available on {accelerator.device_name()}, skipped")
             continue
-        if only_missing and _built(builder):
+        if _built(builder):
+            if load_built:
+                builder.load(verbose=False)
             continue
         started = time.time()
         report(f"building DeepSpeed op {builder.name} (first use; minutes on 2 cores) ...")

@@ -1,7 +1,8 @@
 """Instrumentation of DeepSpeed's host memory, without forking DeepSpeed.
 
 Each hook is a narrow rebinding of one DeepSpeed 0.19.x attribute, named after
-what it observes (DEEPSPEED_HOST_MEMORY.md, "hook points"):
+what it observes (the narrowest DeepSpeed function through which each kind
+of host memory passes):
 - locked allocations: `aio_handle.new_cpu_locked_tensor` / `free_cpu_locked_tensor`;
 - accelerator pinning: `type(get_accelerator()).pin_memory`;
 - parameter pool occupancy: `AsyncPartitionedParameterSwapper` buffer methods;
@@ -19,9 +20,12 @@ import time
 import weakref
 
 from .. import components as C
-from ..telemetry import PINNED_BACKENDS, page_round
+from ..ds_rules import page_round, pow2_round
+from ..telemetry import PAGE, PINNED_BACKENDS
+from . import patching
+from .patching import SUPPORTED_DEEPSPEED, UnsupportedDeepSpeed, check_version  # noqa: F401  (tests import them)
+from .patching import original as _require
 
-SUPPORTED_DEEPSPEED = ((0, 19), (0, 20))  # [low, high): keep in step with pyproject.toml
 
 # DeepSpeed function (co_qualname) on the stack -> component of what it allocates
 OWNERS = {
@@ -38,26 +42,6 @@ OWNERS = {
 POOLS = {C.PARAM_POOL: "param", C.OPTIMIZER_POOL: "optimizer"}
 SWAP_MODULES = ("utils", "partitioned_param_swapper", "optimizer_utils", "partitioned_optimizer_swapper",
                 "pipelined_optimizer_swapper", "async_swapper")
-
-
-class UnsupportedDeepSpeed(RuntimeError):
-    pass
-
-
-def check_version(version):
-    parts = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
-    low, high = SUPPORTED_DEEPSPEED
-    if not (low <= parts < high):
-        raise UnsupportedDeepSpeed(
-            f"memlab's probes hook DeepSpeed {low[0]}.{low[1]}.x internals; found deepspeed {version}. "
-            f"Install a supported version: pip install 'deepspeed>={low[0]}.{low[1]},<{high[0]}.{high[1]}'")
-
-
-def _require(obj, name):
-    if not hasattr(obj, name):
-        raise UnsupportedDeepSpeed(f"memlab probe: {getattr(obj, '__name__', obj)}.{name} is missing in this "
-                                   f"DeepSpeed; its internals changed")
-    return getattr(obj, name)
 
 
 def swap_file_kind(path):
@@ -212,6 +196,7 @@ class Probes:
             self.swap_in_bytes = self.swap_out_bytes = self.swap_in_ops = self.swap_out_ops = 0
             self.swap_by_kind = {}
             self.pinned_used_peak = self.pinned_used()
+        out.update(cuda_step_peaks())  # CUDA only: the step's GPU peaks (then reset)
         return out
 
     # -- attribution (sampler thread) -----------------------------------------------
@@ -235,7 +220,93 @@ class Probes:
         parts[C.PAGE_CACHE] = page_cache
         inside = sum(v for k, v in parts.items() if k not in C.OUTSIDE_RSS and k != C.OTHER)
         parts[C.OTHER] = max(0, rss - inside)
-        return {"components": parts, "pinned_reserved": pinned_reserved, "pinned_used": pinned_used}
+        fields = {"components": parts, "pinned_reserved": pinned_reserved, "pinned_used": pinned_used}
+        fields.update(cuda_memory())  # CUDA only: GPU and torch-pinned bytes as PyTorch's allocators count them
+        return fields
+
+
+# ====================================================================== CUDA
+
+def _cuda_in_use():
+    """torch, if this process has imported it and initialized CUDA; else None.
+    Never imports torch nor initializes CUDA itself (the sampler runs from the start)."""
+    torch = sys.modules.get("torch")
+    cuda = getattr(torch, "cuda", None)
+    try:
+        return torch if cuda is not None and cuda.is_initialized() else None
+    except Exception:
+        return None
+
+
+def torch_host_pinned(stats):
+    """(reserved, active) bytes of PyTorch's pinned host allocator from
+    `torch.cuda.host_memory_stats()`: blocks it owns (power-of-two sizes, cached
+    ones included) and blocks handed out. Newer torch names the owned bytes
+    `allocated_bytes` and the handed-out ones `active_bytes`; where a
+    `reserved_bytes` stat exists, it is the owned bytes and `allocated_bytes` the
+    handed-out ones. None for a figure the stats do not carry."""
+    def get(name):
+        value = stats.get(f"{name}.current", stats.get(name))
+        return int(value) if isinstance(value, (int, float)) else None
+
+    if get("reserved_bytes") is not None:
+        return get("reserved_bytes"), get("allocated_bytes")
+    return get("allocated_bytes"), get("active_bytes")
+
+
+_cuda_device = None  # the training thread's device, once cuda_step_peaks has run there
+
+
+def _rank_device(torch):
+    """The device the sampler thread reports: the training thread's (a thread's
+    current CUDA device is its own), else this rank's local one."""
+    if _cuda_device is not None:
+        return _cuda_device
+    local = int(os.environ.get("LOCAL_RANK", 0) or 0)
+    return local if local < torch.cuda.device_count() else 0
+
+
+def cuda_memory():
+    """Sample fields on CUDA, {} elsewhere: GPU bytes allocated and reserved by
+    PyTorch's caching allocator (this rank's device), and the pinned host bytes
+    its CachingHostAllocator reserves and hands out, measured (the probes' own
+    torch-pinned figure is a model: a power of two per buffer)."""
+    torch = _cuda_in_use()
+    if torch is None:
+        return {}
+    try:
+        device = _rank_device(torch)
+        out = {"gpu_allocated": int(torch.cuda.memory_allocated(device)),
+               "gpu_reserved": int(torch.cuda.memory_reserved(device))}
+    except Exception:
+        return {}
+    try:
+        reserved, active = torch_host_pinned(torch.cuda.host_memory_stats())
+    except Exception:  # torch without host allocator stats
+        reserved = active = None
+    if reserved is not None:
+        out["torch_pinned_reserved"] = reserved
+    if active is not None:
+        out["torch_pinned_active"] = active
+    return out
+
+
+def cuda_step_peaks():
+    """Step fields on CUDA, {} elsewhere: the GPU's peak allocated and reserved
+    bytes since the last call, whose peaks it then resets. Called from the
+    training thread: its current device is the one the samples then report."""
+    global _cuda_device
+    torch = _cuda_in_use()
+    if torch is None:
+        return {}
+    try:
+        _cuda_device = torch.cuda.current_device()
+        out = {"gpu_peak_allocated": int(torch.cuda.max_memory_allocated()),
+               "gpu_peak_reserved": int(torch.cuda.max_memory_reserved())}
+        torch.cuda.reset_peak_memory_stats()
+    except Exception:
+        return {}
+    return out
 
 
 # ====================================================================== hooks
@@ -252,6 +323,7 @@ def install(probes):
     _hook_swap_io(probes)
     _hook_flat_buffer_moves(probes)
     _hook_saved_tensors(probes)
+    _hook_first_step_adam_state(probes)
 
 
 def _hook_locked_allocations(probes):
@@ -265,7 +337,7 @@ def _hook_locked_allocations(probes):
         tensor = original_new(self, numel, example)
         requested = int(numel) * example.element_size()
         # posix_memalign(page) + mlock: exactly the pages asked for
-        probes.record_alloc(owner_on_stack(), requested, page_round(requested), "aio-mlock",
+        probes.record_alloc(owner_on_stack(), requested, page_round(requested, PAGE), "aio-mlock",
                             key=f"p{tensor.data_ptr()}")
         return tensor
 
@@ -273,8 +345,8 @@ def _hook_locked_allocations(probes):
         probes.record_free(f"p{tensor.data_ptr()}")
         return original_free(self, tensor)
 
-    handle_cls.new_cpu_locked_tensor = new_cpu_locked_tensor
-    handle_cls.free_cpu_locked_tensor = free_cpu_locked_tensor
+    patching.replace(handle_cls, "new_cpu_locked_tensor", new_cpu_locked_tensor)
+    patching.replace(handle_cls, "free_cpu_locked_tensor", free_cpu_locked_tensor)
 
 
 def _hook_accelerator_pinning(probes):
@@ -288,7 +360,7 @@ def _hook_accelerator_pinning(probes):
         probes.record_alloc(owner_on_stack(), out.nbytes, *pinned_reservation(out), key=f"p{out.data_ptr()}")
         return out
 
-    accelerator_cls.pin_memory = pin_memory
+    patching.replace(accelerator_cls, "pin_memory", pin_memory)
     _hook_native_pin_frees(probes)
 
 
@@ -308,18 +380,18 @@ def _hook_native_pin_frees(probes):
         probes.record_free(f"p{getattr(tensor, 'ds_pin_base', None) or tensor.data_ptr()}")
         return original_unpin(self, tensor)
 
-    pins_cls._release = staticmethod(_release)
-    pins_cls.unpin = unpin
+    patching.replace(pins_cls, "_release", staticmethod(_release))
+    patching.replace(pins_cls, "unpin", unpin)
 
 
 def pinned_reservation(tensor):
     """(reserved bytes, backend) of a tensor an accelerator returned from pin_memory."""
     requested = tensor.nbytes
     if getattr(tensor, "ds_pinned", False):
-        return page_round(requested), "native-mlock"
+        return page_round(requested, PAGE), "native-mlock"
     if tensor.device.type == "cpu" and tensor.is_pinned():
         # CUDA only: PyTorch's CachingHostAllocator rounds a block up to a power of two
-        return 1 << max(requested - 1, 0).bit_length(), "torch-pinned"
+        return pow2_round(requested), "torch-pinned"
     return requested, "pageable"
 
 
@@ -334,7 +406,7 @@ def _hook_param_pool(probes):
         probes.param_swappers.add(self)
         probes.refresh_param_pool()
 
-    swapper_cls.__init__ = __init__
+    patching.replace(swapper_cls, "__init__", __init__)
     for name in ("get_buffer", "_allocate_and_return_buffers_for_swap_in", "remove_partition_and_release_buffers",
                  "reserve_available_buffers", "release_reserved_buffers"):
         _after(swapper_cls, name, lambda self: probes.refresh_param_pool(), probes)
@@ -370,7 +442,9 @@ def _hook_optimizer_pool(probes):
         probes.refresh_optimizer_pool()
         return result
 
-    manager_cls.__init__, manager_cls.allocate, manager_cls.free = __init__, allocate, free
+    patching.replace(manager_cls, "__init__", __init__)
+    patching.replace(manager_cls, "allocate", allocate)
+    patching.replace(manager_cls, "free", free)
 
 
 def _hook_swap_io(probes):
@@ -390,9 +464,9 @@ def _hook_swap_io(probes):
 
     for module in modules:  # each module imported the functions by name
         if hasattr(module, "swap_in_tensors"):
-            module.swap_in_tensors = swap_in_tensors
+            patching.replace(module, "swap_in_tensors", swap_in_tensors)
         if hasattr(module, "swap_out_tensors"):
-            module.swap_out_tensors = swap_out_tensors
+            patching.replace(module, "swap_out_tensors", swap_out_tensors)
 
 
 def _hook_flat_buffer_moves(probes):
@@ -411,7 +485,7 @@ def _hook_flat_buffer_moves(probes):
         _forget_partitions(probes, before - _partition_keys(param_list))
         return result
 
-    optimizer_cls._move_to_flat_buffer = _move_to_flat_buffer
+    patching.replace(optimizer_cls, "_move_to_flat_buffer", _move_to_flat_buffer)
 
 
 def _partition_keys(params):
@@ -424,6 +498,54 @@ def _forget_partitions(probes, keys):
                  and probes.live[key]["backend"] == "pageable"]
     for key in stale:
         probes.record_free(key)
+
+
+def _hook_first_step_adam_state(probes):
+    """CPU Adam creates a sub-group's exp_avg and exp_avg_sq at its first step (zeros_like, plain RAM).
+    A sub-group whose state stays in RAM keeps them (optimizer_state). One whose state is swapped to
+    NVMe writes them out and drops them when its swap info is released (release_memory) or, with the
+    pipelined swapper, when its next swap-in hands the same tensors pool buffers (set_buffers): until
+    then they are optimizer_transients."""
+    import torch
+    from deepspeed.runtime.swap_tensor import optimizer_utils
+    from deepspeed.runtime.zero import stage3
+
+    zero_cls = stage3.DeepSpeedZeroOptimizer_Stage3
+    original_step = _require(zero_cls, "_optimizer_step")
+
+    def _optimizer_step(self, sub_group_id):
+        fp32 = self.fp32_partitioned_groups_flat[sub_group_id]
+        fresh = not self.optimizer.state.get(fp32)
+        result = original_step(self, sub_group_id)
+        if fresh:
+            started = time.perf_counter()
+            component = C.OPTIMIZER_TRANSIENTS if self._swappable_optimizer_subgroup(sub_group_id) else \
+                C.OPTIMIZER_STATE
+            for value in self.optimizer.state.get(fp32, {}).values():
+                if torch.is_tensor(value) and value.device.type == "cpu" and value.numel() > 1:
+                    probes.record_alloc(component, value.nbytes, value.nbytes, "pageable",
+                                        key=f"p{value.untyped_storage().data_ptr()}")
+            probes.hook_seconds += time.perf_counter() - started
+        return result
+
+    patching.replace(zero_cls, "_optimizer_step", _optimizer_step)
+
+    context_cls = optimizer_utils.SwapTensorContext
+    for name in ("release_memory", "set_buffers"):
+        original = _require(context_cls, name)
+
+        def dropped(self, *args, _original=original, **kwargs):
+            tensor = self.compute_tensor
+            key = f"p{tensor.untyped_storage().data_ptr()}" if tensor.numel() else None
+            result = _original(self, *args, **kwargs)
+            if key is not None:
+                with probes.lock:
+                    transient = probes.live.get(key, {}).get("component") == C.OPTIMIZER_TRANSIENTS
+                if transient:
+                    probes.record_free(key)
+            return result
+
+        patching.replace(context_cls, name, dropped)
 
 
 def _hook_saved_tensors(probes):
@@ -475,7 +597,7 @@ def _after(cls, name, callback, probes=None):
 
     wrapper.__name__ = name
     wrapper.__qualname__ = original.__qualname__
-    setattr(cls, name, wrapper)
+    patching.replace(cls, name, wrapper)
 
 
 # ====================================================================== after init
@@ -493,6 +615,11 @@ def attribute_engine_buffers(probes, engine):
     for flat in getattr(optimizer, "param_groups_fp16_flat_cpu_memory", []):
         if flat.numel() > 1:
             probes.record_alloc(C.PARAM_CPU_FLAT, flat.nbytes, flat.nbytes, "pageable", key=f"p{flat.data_ptr()}")
+    # offload_param none: stage3 defragments the partitions into one flat buffer on the device
+    device_flat = getattr(optimizer, "lp_param_buffer", None)
+    if device_flat is not None and device_flat.device.type == "cpu":
+        probes.record_alloc(C.PARAM_CPU_FLAT, device_flat.nbytes, device_flat.nbytes, "pageable",
+                            key=f"p{device_flat.data_ptr()}")
     _attribute_cpu_optimizer_state(probes, optimizer)
 
     params = [p for p in engine.module.parameters() if hasattr(p, "ds_status")]
@@ -500,8 +627,10 @@ def attribute_engine_buffers(probes, engine):
     def gathered_params():
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
+        # host memory only: on CUDA a gathered parameter lives on the GPU (on the CPU accelerator, in RAM)
         return sum(p.ds_numel * p.element_size() for p in params
-                   if p.ds_status == ZeroParamStatus.AVAILABLE and not getattr(p, "ds_persist", False))
+                   if p.ds_status == ZeroParamStatus.AVAILABLE and not getattr(p, "ds_persist", False)
+                   and p.device.type == "cpu")
 
     def reduce_buckets():
         buckets = getattr(optimizer, "ipg_buckets", {}) or {}

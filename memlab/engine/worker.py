@@ -10,20 +10,39 @@ import json
 import os
 import platform
 import signal
+import subprocess
 import sys
 import time
 import traceback
 from importlib import metadata
 
-from ..runs import SWAP_MARKER, events_file, summarize
+from .. import oplocks, protocol
+from ..ds_rules import cuda_present
+from ..protocol import REQUEST_FILE, SWAP_MARKER, events_file, no_space_left, remove_swap_folder
+from ..summary import summarize
 from ..telemetry import SCHEMA, EventWriter, Sampler
 
-REQUEST_FILE = "request.json"
-STOP_SIGNAL = signal.SIGTERM
+# Stop, Ctrl-C, `kill`: the run stops where it is and reports `stopped`.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# The kernel's parent-death signal (prctl). Not SIGTERM: it also fires when the
+# *thread* that started the worker ends while its process lives on, which must
+# not stop the run; its handler asks whether the lab is really gone.
+PARENT_DEATH_SIGNAL = signal.SIGUSR2
+# The op-lock watcher wakes the main thread with this (a real signal, unlike
+# _thread.interrupt_main, interrupts a blocking wait and works whatever
+# disposition of SIGINT the worker inherited).
+LOCK_SIGNAL = signal.SIGUSR1
 
 
-class StopRequested(Exception):
-    """The parent asked the run to stop (SIGTERM)."""
+# Both raised by signal handlers, anywhere in the main thread: BaseException, as
+# KeyboardInterrupt is, so that library code catching Exception (DeepSpeed wraps
+# op-load errors in RuntimeError) lets them through.
+class StopRequested(BaseException):
+    """The run was asked to stop (Stop, Ctrl-C, SIGTERM, or its lab ended)."""
+
+
+class OpLockWentStale(BaseException):
+    """The op build this worker waits on was killed; its lock will never go."""
 
 
 class RecordingWriter(EventWriter):
@@ -54,7 +73,7 @@ def host_facts():
         "hostname": platform.node(),
         "cpus": os.cpu_count(),
         "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-        "cuda": os.path.exists("/proc/driver/nvidia/version"),
+        "cuda": cuda_present(),
         "pid": os.getpid(),
     }
 
@@ -72,31 +91,64 @@ class Worker:
         self.writer = RecordingWriter(os.path.join(run_dir, events_file(self.rank)),
                                       clock_start=self.request.get("t0"), rank=self.rank if multi else None)
         self.stop_requested = False
+        self.interruptible = False  # True while a stop may end the run where it is
+        self.lock_error = None
+        self.watchdog = None
         self.phase = "start"
         self.step_index = 0
         self.probes = None
         self.sampler = None
 
     # -- control -----------------------------------------------------------------
+    # A stop raises StopRequested in the main thread at once, wherever it is
+    # (an op-lock wait, DeepSpeed or model init, a step), not at the next phase:
+    # the run is ending, and its swap files and buffers go with the process.
+    # Native code that never returns to Python is the watchdog's (or the lab's)
+    # to end.
     def _on_stop_signal(self, signum, frame):
         self.stop_requested = True
+        if self.interruptible:
+            self.interruptible = False  # once: the handlers below must run to the end
+            raise StopRequested()
+
+    def _on_parent_death(self, signum, frame):
+        if self.parent_gone():
+            self._on_stop_signal(signum, frame)
+
+    def _on_lock_stale(self, signum, frame):
+        if self.interruptible:
+            self.interruptible = False
+            raise OpLockWentStale(self.lock_error)
+
+    def install_signal_handlers(self):
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_stop_signal)
+        signal.signal(PARENT_DEATH_SIGNAL, self._on_parent_death)
+        signal.signal(LOCK_SIGNAL, self._on_lock_stale)
+
+    def start_watchdog(self):
+        """The process that ends this worker if its lab dies while the worker
+        is stuck where no signal handler runs (memlab.engine.watchdog)."""
+        lab = os.environ.get("MEMLAB_PARENT_PID")
+        if lab is None:
+            return  # started by hand: nobody to watch
+        from . import watchdog
+
+        swap = self.request.get("swap_path") if self.rank == 0 else None
+        self.watchdog = subprocess.Popen(
+            [sys.executable, "-I", "-S", watchdog.__file__, str(os.getpid()), lab, self.writer.path,
+             swap or "-", repr(self.writer.t0), str(self.rank) if self.world_size > 1 else "-"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True)
 
     def parent_gone(self):
         """Is the process that follows this run (the lab) gone? Under the
         launcher the lab is not the direct parent, so ask whether it lives."""
         parent = os.environ.get("MEMLAB_PARENT_PID")
-        if parent is None:
-            return False
-        try:
-            os.kill(int(parent), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+        return parent is not None and not protocol.alive(parent)
 
     def check_stop(self):
         if self.stop_requested:
+            self.interruptible = False
             raise StopRequested()
 
     def enter_phase(self, name):
@@ -105,15 +157,20 @@ class Worker:
 
     # -- the run -----------------------------------------------------------------
     def run(self):
-        signal.signal(STOP_SIGNAL, self._on_stop_signal)
         self.writer.emit("run_start", schema=SCHEMA, run_id=self.request["run_id"],
-                         knobs=self.request["knobs_nested"], model=self.request["model"],
+                         knobs=self.request["knobs_nested"], from_auto=self.request.get("from_auto", {}),
+                         model=self.request["model"],
                          versions=library_versions(), host=host_facts())
         status, error = "ok", None
         self._watch_op_locks()
         try:
-            self._start_probes()
-            self.train()
+            try:
+                self.interruptible = True
+                self.check_stop()  # a stop that came before the handlers were live
+                self._start_probes()
+                self.train()
+            finally:
+                self.interruptible = False
         except StopRequested:
             who = "the parent process ended (kernel restarted or interrupted)" if self.parent_gone() else \
                 "stopped by the user"
@@ -123,6 +180,9 @@ class Worker:
             error = self.lock_error or self._disk_full_cause() or \
                 f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
             error += f" (phase {self.phase}, step {self.step_index})"
+            for risk in self.request.get("risks", []):  # what memlab warned about before the run
+                if risk["crash"] in error:
+                    error += f"; memlab warned: {risk['knob']}={risk['value']!r}: {risk['reason']}"
             self.writer.emit("error", message=error, traceback="".join(traceback.format_exc()).splitlines()[-25:],
                              phase=self.phase, step=self.step_index)
         finally:
@@ -138,17 +198,11 @@ class Worker:
 
     def _disk_full_cause(self):
         """DeepSpeed reports a failed aio write as a bare assert: name the real cause."""
-        from ..lab import no_space_left
-
         folder = self.request.get("swap_path")
         return f"no space left on {folder}" if no_space_left(folder) else None
 
     def _remove_own_swap_folder(self):
-        import shutil
-
-        folder = self.request.get("swap_path")
-        if folder and os.path.isfile(os.path.join(folder, SWAP_MARKER)):
-            shutil.rmtree(folder, ignore_errors=True)
+        remove_swap_folder(self.request.get("swap_path"))
 
     def _start_probes(self):
         from .probes import Probes
@@ -158,8 +212,6 @@ class Worker:
             return  # step events only: the baseline of the overhead benchmark
 
         def attribute(rss, page_cache, heap_free):
-            if self.parent_gone():
-                self.stop_requested = True  # stops at the next phase boundary
             fields = self.probes.attribute(rss, page_cache, heap_free)
             for pool in self.probes.pool_events():
                 self.writer.emit("pool", **pool)
@@ -174,12 +226,9 @@ class Worker:
         """Until training starts, look for a DeepSpeed op build lock that went
         stale (its build was killed) while this worker waits on it: torch would
         wait forever. Interrupt the wait and fail with what to do instead."""
-        import _thread
         import threading
 
-        from .. import oplocks
-
-        self.lock_error = None
+        main_thread = threading.main_thread().ident
 
         def watch():
             while self.phase in ("start", "import", "model_init", "engine_init"):
@@ -188,7 +237,7 @@ class Worker:
                     oplocks.check()
                 except oplocks.StaleOpLock as exc:
                     self.lock_error = str(exc)
-                    _thread.interrupt_main()
+                    signal.pthread_kill(main_thread, LOCK_SIGNAL)
                     return
 
         threading.Thread(target=watch, name="memlab-op-locks", daemon=True).start()
@@ -204,7 +253,11 @@ class Worker:
         k = self.knobs
         self.enter_phase("import")
         import torch
-        import torch._dynamo  # noqa: F401  must be imported before zero.Init patches Tensor.__new__ (trap 4)
+
+        report_op_lock_waits(self.writer)
+        # torch._dynamo must be imported before zero.Init patches Tensor.__new__: imported lazily under
+        # the patch, the tensors it builds at import time would come from the patched constructor
+        import torch._dynamo  # noqa: F401
         import deepspeed
         import transformers
         from transformers.integrations import HfDeepSpeedConfig
@@ -212,15 +265,12 @@ class Worker:
         from ..models import ModelSpec
         from . import build_ops, memascend
 
-        build_ops.build_all(report=lambda message: self.writer.emit("log", message=message), only_missing=True)
+        build_ops.build_all(report=lambda message: self.writer.emit("log", message=message), load_built=False)
         from . import probes as probe_hooks
 
         spec = ModelSpec.from_dict(self.request["model"])
-        from ..sizing import staging_plan
-
-        plan = staging_plan([t.numel for t in spec.tensors()], k["zero_optimization.sub_group_size"],
-                            k["memascend.staging_elements"])
-        context = {"model": spec, "probes": self.probes, "staging_plan": plan,
+        # the lab resolved the knobs against this model: its staging plan (ResolvedKnobs.staging_plan) came along
+        context = {"model": spec, "probes": self.probes, "staging_plan": self.request["staging_plan"],
                    "swap_path": self.request.get("swap_path"), "region_bytes": self.request.get("region_bytes", 0)}
         installed = memascend.install(k, context)  # before the probes wrap what they patch
         if installed:
@@ -232,14 +282,19 @@ class Worker:
         self.enter_phase("model_init")
         torch.manual_seed(k["run.seed"])
         ds_config = self.request["ds_config"]
-        deepspeed.init_distributed(dist_backend=self.request.get("dist_backend", "gloo"), verbose=False)
+        # gloo on the CPU accelerator; on a GPU, the accelerator's own (nccl) runs ZeRO-3's collectives
+        # on device tensors, where gloo would stage them through host memory the probes do not own.
+        backend = self.request.get("dist_backend") or deepspeed.get_accelerator().communication_backend_name()
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[k["run.dtype"]]
         config = spec.hf_config()
         # A live HfDeepSpeedConfig makes transformers build the model under
-        # zero.Init itself and initialize the partitioned weights (trap 5).
+        # zero.Init itself and initialize the partitioned weights (without it
+        # the partitions keep uninitialized memory: first losses in the hundreds).
         hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841  kept alive until initialize
         self.probes.framework_bytes = _rss()
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                              attn_implementation=k["run.attn_implementation"])
         if k["run.gradient_checkpointing"]:
             model.gradient_checkpointing_enable()
         model.train()
@@ -256,7 +311,7 @@ class Worker:
 
         for index in range(k["run.steps"]):
             self.step_index = index + 1
-            input_ids = next(batches)
+            input_ids = next(batches).to(engine.device)  # DeepSpeed does not move inputs (a GPU's model)
             started, cpu_started = time.perf_counter(), time.process_time()
             telemetry_before = self.sampler.cpu_seconds if self.sampler else 0.0
             self.enter_phase("forward")
@@ -292,10 +347,11 @@ class Worker:
         shape = (k["run.micro_batch"], k["run.seq_len"])
         data = self.request.get("data")
         generator = torch.Generator().manual_seed(k["run.seed"] + self.rank)  # each rank its own batches
+        vocab_size = self.request["vocab_size"]  # the lab's (the model's input embedding rows)
         if data is None:
             while True:
-                yield torch.randint(0, spec.vocab_size, shape, generator=generator)
-        tokens = torch.tensor([t for row in tokenize(data, spec) for t in row], dtype=torch.long)
+                yield torch.randint(0, vocab_size, shape, generator=generator)
+        tokens = torch.tensor([t for row in tokenize(data, spec, vocab_size) for t in row], dtype=torch.long)
         per_batch = shape[0] * shape[1]
         if tokens.numel() < per_batch:
             tokens = tokens.repeat(-(-per_batch // tokens.numel()))
@@ -307,7 +363,7 @@ class Worker:
             offset += per_batch
 
 
-def tokenize(data, spec):
+def tokenize(data, spec, vocab_size):
     """Token ids for each item: lists pass through; texts go through the
     checkpoint's own tokenizer if it has one, else become UTF-8 bytes."""
     tokenizer = None
@@ -325,8 +381,23 @@ def tokenize(data, spec):
         elif tokenizer is not None:
             out.append(tokenizer(row)["input_ids"])
         else:
-            out.append([b % spec.vocab_size for b in row.encode("utf-8")])
+            out.append([b % vocab_size for b in row.encode("utf-8")])
     return out
+
+
+def report_op_lock_waits(writer):
+    """Say so when loading an op waits for another process's build of it
+    (torch's FileBaton: a lock file in the op's build folder). Without this
+    line, a run waiting minutes for a build elsewhere looks hung."""
+    from torch.utils import file_baton
+
+    wait = file_baton.FileBaton.wait
+
+    def reported_wait(baton):
+        writer.emit("log", message=f"waiting for a DeepSpeed op build in another process (lock {baton.lock_file_path})")
+        return wait(baton)
+
+    file_baton.FileBaton.wait = reported_wait
 
 
 def _rss():
@@ -342,12 +413,12 @@ def _malloc_trim():
 
 
 def die_with_parent():
-    """Ask the kernel for SIGTERM when the parent dies (a notebook kernel that is
-    restarted or killed), so the worker never outlives whoever follows it."""
+    """Ask the kernel for a signal when the parent dies (a notebook kernel that
+    is restarted or killed), so the worker never outlives whoever follows it."""
     import ctypes
 
     PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, STOP_SIGNAL)
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL)
 
 
 def main(argv=None):
@@ -356,9 +427,11 @@ def main(argv=None):
     if len(argv) != 1:
         print("usage: python -m memlab.engine.worker RUN_DIR", file=sys.stderr)
         return 2
-    die_with_parent()
     worker = Worker(argv[0])
-    if worker.parent_gone():  # the parent died before the request above was registered
+    worker.install_signal_handlers()
+    die_with_parent()
+    worker.start_watchdog()
+    if worker.parent_gone():  # the parent died before the parent-death signal was asked for
         worker.stop_requested = True
     return worker.run()
 

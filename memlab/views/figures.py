@@ -1,8 +1,10 @@
 """Pure plotly builders: a Run (or plain data from it) in, a go.Figure out.
 
-No widgets, no I/O, no deepspeed or torch. The dashboard reuses the
-`*_traces` functions: one trace per series with a stable `name`, so a refresh
-can copy x/y into a FigureWidget trace by name. Every text that comes from a
+No widgets, no I/O, no deepspeed or torch. Which of them make a run's charts
+(Run.plot, the report, the dashboard's live chart) is said once, in the
+registry of `charts.py`. The live chart reuses the `*_traces` functions: one
+trace per series with a stable `name`, so a refresh can copy x/y into a
+FigureWidget trace by name. Every text that comes from a
 run (pool names, run labels) is HTML-escaped, because plotly renders a subset
 of HTML in titles, legends and hover labels.
 """
@@ -14,9 +16,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .. import components as C
+from ..units import bytes_unit, format_bytes  # also F.format_bytes for the other views and the notebooks
 
-MiB = 1 << 20
-GiB = 1 << 30
 MAX_POINTS = 2000
 TEMPLATE = "plotly_white"
 
@@ -67,27 +68,6 @@ TIME_AXIS = "time since start (s)"
 
 
 # ------------------------------------------------------------------ helpers
-
-def bytes_unit(max_bytes):
-    """(divisor, unit) for an axis: GiB when the largest value reaches 1 GiB, else MiB."""
-    if max_bytes is not None and max_bytes >= GiB:
-        return GiB, "GiB"
-    return MiB, "MiB"
-
-
-def format_bytes(n):
-    """One byte count for people: B, KiB, MiB or GiB."""
-    if n is None:
-        return "–"
-    n = int(n)
-    if abs(n) >= GiB:
-        return f"{n / GiB:.2f} GiB"
-    if abs(n) >= MiB:
-        return f"{n / MiB:.1f} MiB"
-    if abs(n) >= 1024:
-        return f"{n / 1024:.1f} KiB"
-    return f"{n} B"
-
 
 def downsample_indices(keys, max_points=MAX_POINTS):
     """Sorted indices to keep so every series in `keys` (equal-length lists)
@@ -397,6 +377,48 @@ def pool_occupancy(run):
         annotation.update(x=0, xanchor="left", font=dict(size=13))
     _layout(fig, "Pool occupancy", height=height, bottom=50)
     return _note_if_empty(fig, not pools, "no pool events")
+
+
+def pool_strip_traces(run, fullest=False):
+    """([heatmap], unit): one heatmap with a row per pool and a cell per buffer,
+    coloured by how full it is (the live chart's pool panel). Live runs show each
+    pool's latest occupancy; `fullest` shows the moment each pool was fullest (a
+    finished run's pools end empty)."""
+    chosen = {}
+    for event in list(run.events):
+        if event.get("kind") != "pool":
+            continue
+        name = event["name"]
+        if not fullest or name not in chosen or \
+                sum(b[1] for b in event.get("buffers", [])) > sum(b[1] for b in chosen[name].get("buffers", [])):
+            chosen[name] = event
+    pools = list(chosen.values())
+    width = max([len(p.get("buffers", [])) for p in pools] + [0])
+    z, custom, y = [], [], []
+    largest = max([cap for p in pools for cap, _ in p.get("buffers", [])] + [0])
+    divisor, unit = bytes_unit(largest)
+    for pool in pools:
+        buffers = pool.get("buffers", [])
+        reserved = sum(b[0] for b in buffers)
+        used = sum(b[1] for b in buffers)
+        y.append(f"{pool['name']} {used / reserved:.0%}" if reserved else pool["name"])
+        pad = [None] * (width - len(buffers))
+        z.append([(u / c) if c else 0.0 for c, u in buffers] + pad)
+        custom.append([[u / divisor, c / divisor] for c, u in buffers] + [[None, None]] * len(pad))
+    digits = _digits(unit)
+    return [go.Heatmap(
+        z=z, x=list(range(width)), y=[escape(v) for v in y], customdata=custom, name="pool fill",
+        zmin=0, zmax=1, colorscale="Blues", showscale=False, xgap=3, ygap=3,
+        texttemplate="%{z:.0%}" if width <= 12 else None, textfont=dict(size=11),
+        hovertemplate=f"%{{y}} buffer %{{x}}: %{{customdata[0]:{digits}}} of %{{customdata[1]:{digits}}} {unit}"
+                      " used (%{z:.0%})<extra></extra>",
+        hoverongaps=False,
+    )], unit
+
+
+def pool_strip_trace(run, fullest=False):
+    """The heatmap of `pool_strip_traces` alone."""
+    return pool_strip_traces(run, fullest)[0][0]
 
 
 # --------------------------------------------------------------- comparison

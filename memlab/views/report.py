@@ -11,7 +11,8 @@ import plotly.offline
 
 from .. import components as C
 from ..knobs import flatten
-from ..runs import summarize
+from ..summary import summarize
+from . import charts
 from . import figures as F
 
 # Summary fields in the order people read them, each with a one-line meaning
@@ -22,6 +23,7 @@ FIELDS = (
     ("engine", "deepspeed (stock behaviour), memascend (all optimizations on) or custom"),
     ("model", "model that was fine-tuned"),
     ("knobs", "the full resolved set of knobs"),
+    ("from_auto", "knobs whose value was \"auto\", each with the rule that resolved it"),
     ("steps", "training steps completed"),
     ("peak_rss_bytes", "highest resident memory of the worker process"),
     ("peak_vm_lck_bytes", "highest memory locked in RAM (mlock)"),
@@ -40,6 +42,8 @@ FIELDS = (
     ("nodes", "each node's peak RSS, summed over its ranks (multi-rank runs)"),
 )
 MEANINGS = dict(FIELDS)
+# fields a summary may lack: multi-rank ones, and from_auto (runs recorded before it existed)
+OPTIONAL_FIELDS = ("from_auto", "ranks", "peak_rss_rank", "nodes")
 
 
 # ------------------------------------------------------------------ values
@@ -75,6 +79,8 @@ def format_value(field, value):
         return _losses_text(value)
     if field == "knobs":
         return f"{len(flatten(value))} settings" if isinstance(value, dict) else str(value)
+    if field == "from_auto" and isinstance(value, dict):
+        return "; ".join(f"{name}: {rule}" for name, rule in sorted(value.items())) or "–"
     if field == "components_at_peak":
         lines = _component_lines(value) if isinstance(value, dict) else []
         return f"{len(lines)} components" if lines else "–"
@@ -91,7 +97,7 @@ def format_value(field, value):
 
 def _ordered_fields(summary):
     """The known fields in reading order, then any field this code does not know yet."""
-    known = [f for f, _ in FIELDS if f in summary or f not in ("ranks", "peak_rss_rank", "nodes")]
+    known = [f for f, _ in FIELDS if f in summary or f not in OPTIONAL_FIELDS]
     return known + [f for f in summary if f not in MEANINGS]
 
 
@@ -198,9 +204,13 @@ def _knobs_html(summary):
     knobs = summary.get("knobs")
     if not isinstance(knobs, dict) or not knobs:
         return ""
-    rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(json.dumps(v))}</td></tr>" for k, v in sorted(flatten(knobs).items()))
-    return (f"<details><summary>knobs ({len(flatten(knobs))} settings)</summary>"
-            f"<table class='knobs'><tbody>{rows}</tbody></table></details>")
+    from_auto = summary.get("from_auto") or {}
+    rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(json.dumps(v))}</td><td class='muted'>{_e(from_auto.get(k, ''))}</td></tr>"
+                   for k, v in sorted(flatten(knobs).items()))
+    autos = f", {len(from_auto)} from \"auto\"" if from_auto else ""
+    return (f"<details><summary>knobs ({len(flatten(knobs))} settings{autos})</summary>"
+            f"<table class='knobs'><thead><tr><th>knob</th><th>value</th><th>from \"auto\"</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table></details>")
 
 
 def _logs_html(run, limit=60):
@@ -217,21 +227,12 @@ def _logs_html(run, limit=60):
     return "".join(parts)
 
 
-def _figures(run):
-    return [
-        F.memory_by_component(run),
-        F.pinned_reserved_vs_used(run),
-        F.fragmentation(run),
-        F.step_times_and_loss(run),
-        F.pool_occupancy(run),
-    ]
-
-
 def _figures_html(run):
+    """Every chart of the registry (views/charts.py), in its order."""
     config = {"displaylogo": False, "responsive": True}
     return "".join(
         f"<div class='figure'>{fig.to_html(full_html=False, include_plotlyjs=False, config=config)}</div>"
-        for fig in _figures(run)
+        for fig in charts.figures(run)
     )
 
 

@@ -5,7 +5,8 @@ redrawn as the slider moves.
 
 Everything is computed by `memlab.sizing.estimate` (a few milliseconds each,
 no process started). One FigureWidget holds both charts, and every redraw is
-ONE `batch_update` (JUPYTER.md). Moving the slider re-estimates only the two
+ONE `batch_update` (one message to the browser, not one per trace). Moving
+the slider re-estimates only the two
 bars and the marker; changing anything else also redraws the curve.
 
 Fed a finished Run, the panel starts from that run's model and knobs and adds
@@ -21,7 +22,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .. import components as C
-from ..knobs import KnobError, Knobs
+from ..knobs import AUTO, DTYPES, PARAM_DEVICES, KnobError, Knobs
 from ..models import ModelSpec, ModelSpecError
 from ..sizing import GiB, Hardware, SizingError, estimate
 from . import figures as F
@@ -37,6 +38,73 @@ CUSTOM_PATH, CUSTOM_JSON = "(config.json path)", "(pasted config.json)"
 
 def _nearest(values, value):
     return min(values, key=lambda v: abs(v - value))
+
+
+class SizingChart:
+    """The panel's one FigureWidget: host memory per node at the peak, stacked by
+    component, a bar per engine (x/y), and peak host memory against sequence
+    length or micro batch with the RAM budget and the current point (x2/y2).
+    Each `draw` is ONE batch_update."""
+
+    def __init__(self):
+        fig = make_subplots(rows=1, cols=2, column_widths=[0.42, 0.58], horizontal_spacing=0.12,
+                            subplot_titles=("Host memory per node at the peak", "Peak host memory per node"))
+        for name in BAR_COMPONENTS:
+            fig.add_trace(go.Bar(x=[], y=[], name=name, marker_color=F.component_color(name), legendgroup=name,
+                                 hovertemplate=f"{name}: %{{y:.2f}}<extra>%{{x}}</extra>"), row=1, col=1)
+        dash = {"deepspeed": "solid", "memascend": "solid"}
+        colors = {"deepspeed": "#4b6584", "memascend": "#e67e22"}
+        for engine, label in ENGINES:
+            fig.add_trace(go.Scatter(x=[], y=[], name=label, mode="lines+markers",
+                                     line=dict(color=colors[engine], dash=dash[engine], width=2.5),
+                                     hovertemplate=f"{label}: %{{y:.2f}} at %{{x}}<extra></extra>"), row=1, col=2)
+        fig.add_trace(go.Scatter(x=[], y=[], name=BUDGET, mode="lines", line=dict(color="#d62728", dash="dash"),
+                                 hovertemplate="RAM budget %{y:.2f}<extra></extra>"), row=1, col=2)
+        fig.add_trace(go.Scatter(x=[], y=[], name="current", mode="markers", showlegend=False,
+                                 marker=dict(size=13, symbol="circle-open", color="#222", line=dict(width=2)),
+                                 hovertemplate="%{y:.2f} at %{x}<extra>current</extra>"), row=1, col=2)
+        fig.update_layout(template=F.TEMPLATE, barmode="stack", height=520, margin=dict(l=60, r=20, t=50, b=60),
+                          legend=dict(orientation="v", x=1.02, y=1, font=dict(size=11)), hovermode="closest")
+        fig.update_xaxes(type="log", title_text="sequence length (tokens)", row=1, col=2)
+        self.widget = go.FigureWidget(fig)
+        self.widget.add_class("memlab-sizing-figure")
+        self.index = {trace.name: i for i, trace in enumerate(self.widget.data)}
+
+    def draw(self, labels, columns, points, ram, axis, current, peaks):
+        """Bars: one column of components per label. Curve (when `points` is not
+        None): {"x": [...], engine: [peak bytes, ...]} over `axis`. The marker:
+        each engine's peak at `current`. `ram`: the budget line (None: none)."""
+        top = max(sum(v for k, v in col.items() if k in BAR_COMPONENTS) for col in columns)
+        curve_top = max([ram or 0] + ([max(points["deepspeed"] + points["memascend"])] if points else [top]))
+        divisor, unit = F.bytes_unit(max(top, curve_top))
+        fig = self.widget
+        with fig.batch_update():
+            for name in BAR_COMPONENTS:
+                trace = fig.data[self.index[name]]
+                trace.x = labels
+                trace.y = [col.get(name, 0) / divisor for col in columns]
+                trace.hovertemplate = f"{name}: %{{y:.2f}} {unit}<extra>%{{x}}</extra>"
+            if points is not None:
+                for engine, label in ENGINES:
+                    trace = fig.data[self.index[label]]
+                    trace.x = points["x"]
+                    trace.y = [p / divisor for p in points[engine]]
+                budget = fig.data[self.index[BUDGET]]
+                budget.x = [points["x"][0], points["x"][-1]] if ram else []
+                budget.y = [ram / divisor] * 2 if ram else []
+                fig.layout.xaxis2.title.text = "sequence length (tokens)" if axis == "seq_len" else "micro batch"
+            marker = fig.data[self.index["current"]]
+            marker.x = [current, current]
+            marker.y = [peak / divisor for peak in peaks]
+            fig.layout.yaxis.title.text = f"host memory ({unit})"
+            fig.layout.yaxis2.title.text = f"peak host memory ({unit})"
+
+    def persist(self):
+        """Store the figure in the widget's synced state so a saved notebook keeps it
+        (FigureWidget syncs its full state only on display; see LiveChart.persist)."""
+        fig = self.widget
+        fig._widget_layout = copy.deepcopy(fig._layout_obj._props)
+        fig._widget_data = copy.deepcopy(fig._data)
 
 
 class SizingPanel:
@@ -56,7 +124,8 @@ class SizingPanel:
         self.base_knobs = knobs if isinstance(knobs, Knobs) else Knobs(knobs or {})
         hardware = hardware or Hardware(ram_bytes=128 * GiB, gpus=1, gpu_bytes=80 * GiB, accelerator="cuda")
         self._build_controls(model, hardware, axis)
-        self._build_figure()
+        self.chart = SizingChart()
+        self.figure, self.index = self.chart.widget, self.chart.index
         self.widget = W.VBox([W.HBox([self.controls, self.figure]), self.status])
         self.widget.add_class("memlab-sizing-panel")
         self._observe()
@@ -82,7 +151,7 @@ class SizingPanel:
         self.pasted = W.Textarea(value="", description="config.json", placeholder='{"model_type": "llama", ...}',
                                  continuous_update=False, style=w["style"], layout=W.Layout(width="300px", height="80px"))
         k = self.base_knobs
-        self.dtype = W.Dropdown(options=["fp32", "bf16", "fp16"], value=k["run.dtype"], description="dtype", **w)
+        self.dtype = W.Dropdown(options=[AUTO, *DTYPES], value=k["run.dtype"], description="dtype", **w)
         self.micro_batch = W.BoundedIntText(value=k["run.micro_batch"], min=1, max=1 << 16, description="micro batch",
                                             **w)
         self.seq_len = W.BoundedIntText(value=k["run.seq_len"], min=2, max=1 << 22, description="sequence length", **w)
@@ -92,7 +161,7 @@ class SizingPanel:
         self.cpu_checkpointing = W.Checkbox(
             value=bool((passthrough.get("activation_checkpointing") or {}).get("cpu_checkpointing")),
             description="checkpoints in host RAM", indent=False)
-        self.param_device = W.Dropdown(options=["nvme", "cpu"], value=k["zero_optimization.offload_param.device"],
+        self.param_device = W.Dropdown(options=list(PARAM_DEVICES), value=k["zero_optimization.offload_param.device"],
                                        description="params on", **w)
         self.sub_group = W.Text(value=str(k["zero_optimization.sub_group_size"]), description="sub_group_size",
                                 continuous_update=False, **w)
@@ -243,31 +312,6 @@ class SizingPanel:
             points["x"] = xs
         return spec, hw, bars, points
 
-    # ------------------------------------------------------------------ figure
-    def _build_figure(self):
-        fig = make_subplots(rows=1, cols=2, column_widths=[0.42, 0.58], horizontal_spacing=0.12,
-                            subplot_titles=("Host memory per node at the peak", "Peak host memory per node"))
-        for name in BAR_COMPONENTS:
-            fig.add_trace(go.Bar(x=[], y=[], name=name, marker_color=F.component_color(name), legendgroup=name,
-                                 hovertemplate=f"{name}: %{{y:.2f}}<extra>%{{x}}</extra>"), row=1, col=1)
-        dash = {"deepspeed": "solid", "memascend": "solid"}
-        colors = {"deepspeed": "#4b6584", "memascend": "#e67e22"}
-        for engine, label in ENGINES:
-            fig.add_trace(go.Scatter(x=[], y=[], name=label, mode="lines+markers",
-                                     line=dict(color=colors[engine], dash=dash[engine], width=2.5),
-                                     hovertemplate=f"{label}: %{{y:.2f}} at %{{x}}<extra></extra>"), row=1, col=2)
-        fig.add_trace(go.Scatter(x=[], y=[], name=BUDGET, mode="lines", line=dict(color="#d62728", dash="dash"),
-                                 hovertemplate="RAM budget %{y:.2f}<extra></extra>"), row=1, col=2)
-        fig.add_trace(go.Scatter(x=[], y=[], name="current", mode="markers", showlegend=False,
-                                 marker=dict(size=13, symbol="circle-open", color="#222", line=dict(width=2)),
-                                 hovertemplate="%{y:.2f} at %{x}<extra>current</extra>"), row=1, col=2)
-        fig.update_layout(template=F.TEMPLATE, barmode="stack", height=520, margin=dict(l=60, r=20, t=50, b=60),
-                          legend=dict(orientation="v", x=1.02, y=1, font=dict(size=11)), hovermode="closest")
-        fig.update_xaxes(type="log", title_text="sequence length (tokens)", row=1, col=2)
-        self.figure = go.FigureWidget(fig)
-        self.figure.add_class("memlab-sizing-figure")
-        self.index = {trace.name: i for i, trace in enumerate(self.figure.data)}
-
     def redraw(self, curve=True):
         """Recompute and redraw with ONE batch_update (the curve only when asked)."""
         try:
@@ -286,34 +330,10 @@ class SizingPanel:
             measured = self.run.summary.get("components_at_peak", {}) if self.run.summary else {}
             labels += [PREDICTED, MEASURED]
             columns += [probed, measured]
-        top = max(sum(v for k, v in col.items() if k in BAR_COMPONENTS) for col in columns)
-        ram = hw.ram_bytes
-        curve_top = max([ram or 0] + ([max(points["deepspeed"] + points["memascend"])] if points else [top]))
-        divisor, unit = F.bytes_unit(max(top, curve_top))
-        fig = self.figure
-        with fig.batch_update():
-            for name in BAR_COMPONENTS:
-                trace = fig.data[self.index[name]]
-                trace.x = labels
-                trace.y = [col.get(name, 0) / divisor for col in columns]
-                trace.hovertemplate = f"{name}: %{{y:.2f}} {unit}<extra>%{{x}}</extra>"
-            axis = self.axis.value
-            current = self.slider.value
-            if points is not None:
-                for engine, label in ENGINES:
-                    trace = fig.data[self.index[label]]
-                    trace.x = points["x"]
-                    trace.y = [p / divisor for p in points[engine]]
-                budget = fig.data[self.index[BUDGET]]
-                budget.x = [points["x"][0], points["x"][-1]] if ram else []
-                budget.y = [ram / divisor] * 2 if ram else []
-                fig.layout.xaxis2.title.text = "sequence length (tokens)" if axis == "seq_len" else "micro batch"
-                self.curve_redraws += 1
-            marker = fig.data[self.index["current"]]
-            marker.x = [current, current]
-            marker.y = [bars[engine].node_peak_host_bytes / divisor for engine, _ in ENGINES]
-            fig.layout.yaxis.title.text = f"host memory ({unit})"
-            fig.layout.yaxis2.title.text = f"peak host memory ({unit})"
+        self.chart.draw(labels, columns, points, ram=hw.ram_bytes, axis=self.axis.value, current=self.slider.value,
+                        peaks=[bars[engine].node_peak_host_bytes for engine, _ in ENGINES])
+        if points is not None:
+            self.curve_redraws += 1
         self.redraws += 1
         self.status.value = self._summary(spec, hw, bars)
         self.persist()
@@ -332,11 +352,8 @@ class SizingPanel:
                 + "; ".join(parts) + "</div>")
 
     def persist(self):
-        """Store the figure in the widget's synced state so a saved notebook keeps it
-        (FigureWidget syncs its full state only on display; see LiveChart.persist)."""
-        fig = self.figure
-        fig._widget_layout = copy.deepcopy(fig._layout_obj._props)
-        fig._widget_data = copy.deepcopy(fig._data)
+        """Store the figure in the widget's synced state so a saved notebook keeps it."""
+        self.chart.persist()
 
     def _ipython_display_(self):
         from IPython.display import display

@@ -19,7 +19,9 @@ import shutil
 
 import torch
 
-from ..probes import _require
+from ...ds_rules import io_alignment_bytes, min_swap_bytes, numel_alignment
+from .. import patching
+from ..patching import original as _require
 
 
 class AdaptiveParamPool:
@@ -73,9 +75,9 @@ def install(knobs, context):
         if self.use_gds:
             raise RuntimeError("memascend.pool=adaptive does not support aio.use_gds")
         self.aio_handle = pps.AsyncIOBuilder().load(verbose=False).aio_handle
-        self.min_aio_bytes = max(pps.MIN_AIO_BYTES, self.aio_config[pps.AIO_BLOCK_SIZE])
-        self.aligned_bytes = pps.AIO_ALIGNED_BYTES * self.aio_config[pps.AIO_INTRA_OP_PARALLELISM]
-        self.numel_alignment = self.aligned_bytes // self.swap_element_size
+        self.min_aio_bytes = min_swap_bytes(self.aio_config[pps.AIO_BLOCK_SIZE])
+        self.aligned_bytes = io_alignment_bytes(self.aio_config[pps.AIO_INTRA_OP_PARALLELISM])
+        self.numel_alignment = numel_alignment(self.swap_element_size, self.aio_config[pps.AIO_INTRA_OP_PARALLELISM])
         self.elements_per_buffer = self.swap_config.buffer_size
         self.aligned_elements_per_buffer = self._io_aligned_numel(self.elements_per_buffer)
         self.param_buffer_count = self.swap_config.buffer_count
@@ -158,5 +160,6 @@ def install(knobs, context):
 
     for function in (_configure_aio, _allocate_and_return_buffers_for_swap_in, get_buffer,
                      remove_partition_and_release_buffers, reserve_available_buffers, release_reserved_buffers,
-                     available_swap_in_buffers, swap_in, buffer_capacities):
-        setattr(swapper_cls, function.__name__, function)
+                     available_swap_in_buffers, swap_in):
+        patching.replace(swapper_cls, function.__name__, function)
+    patching.add(swapper_cls, "buffer_capacities", buffer_capacities)

@@ -29,7 +29,9 @@ import os
 
 import torch
 
-from ..probes import _require
+from ...ds_rules import streamed_sub_group
+from .. import patching
+from ..patching import original as _require
 from . import direct_storage
 
 STATE_NAMES = ("exp_avg", "exp_avg_sq")
@@ -103,7 +105,7 @@ def install(knobs, context):
         self.memlab_bound = self._io_aligned_numel(bound)
 
     def reserve_partitioned_swap_space(self, partition_num_elems):
-        if len(partition_num_elems) == 1 and partition_num_elems[0] > bound:
+        if streamed_sub_group(len(partition_num_elems), sum(partition_num_elems), bound):
             partition_num_elems = reserve_numels  # the streamed sub-group writes its params slice by slice
         return original["reserve"](self, partition_num_elems)
 
@@ -142,9 +144,9 @@ def install(knobs, context):
     def streamed(self, sub_group_id):
         if not self._swappable_optimizer_subgroup(sub_group_id):
             return False
-        group = self.fp16_groups[sub_group_id]
-        return len(group) == 1 and self.fp16_partitioned_groups_flat_numel[sub_group_id] > \
-            self.optimizer_swapper.largest_numel
+        return streamed_sub_group(len(self.fp16_groups[sub_group_id]),
+                                  self.fp16_partitioned_groups_flat_numel[sub_group_id],
+                                  self.optimizer_swapper.largest_numel)
 
     def unscale_and_clip_grads(self, sub_group_id, total_norm):
         if not streamed(self, sub_group_id):
@@ -181,15 +183,15 @@ def install(knobs, context):
         method.__name__ = name
         return method
 
-    swapper_cls.__init__ = __init__
-    param_swapper_cls.reserve_partitioned_swap_space = reserve_partitioned_swap_space
-    base_cls._swap_out_gradients = _swap_out_gradients
-    base_cls._initialize_parameters = _initialize_parameters
+    patching.replace(swapper_cls, "__init__", __init__)
+    patching.replace(param_swapper_cls, "reserve_partitioned_swap_space", reserve_partitioned_swap_space)
+    patching.replace(base_cls, "_swap_out_gradients", _swap_out_gradients)
+    patching.replace(base_cls, "_initialize_parameters", _initialize_parameters)
     for function in (unscale_and_clip_grads, _optimizer_step, _optimizer_states_and_gradient_swap_in,
                      _optimizer_states_and_gradient_swap_out):
-        setattr(zero_cls, function.__name__, function)
+        patching.replace(zero_cls, function.__name__, function)
     for name in SKIPPED_WHEN_STREAMED:
-        setattr(zero_cls, name, skip_when_streamed(name))
+        patching.replace(zero_cls, name, skip_when_streamed(name))
 
 
 def stream_sub_group(zero, sub_group_id, probes):
@@ -200,7 +202,10 @@ def stream_sub_group(zero, sub_group_id, probes):
     swap_info = swapper._get_param_swap_info(fp32_param)
     numel = swap_info.numel()
     (param,) = zero.fp16_groups[sub_group_id]
-    param_path = param.nvme_swapper.get_path(param, must_exist=True)
+    # parameters on NVMe are updated in their swap file; on the CPU or the device (offload_param
+    # cpu | none) there is no parameter swapper and the partition is in RAM
+    on_nvme = getattr(param, "nvme_swapper", None) is not None
+    param_path = param.nvme_swapper.get_path(param, must_exist=True) if on_nvme else None
     master_path = swap_info.get_swap_paths()[0]
     state_paths = [os.path.join(swapper.swap_folder, f"{swap_info.param_id}.{name}.memlab.swp") for name in STATE_NAMES]
 
@@ -223,7 +228,8 @@ def stream_sub_group(zero, sub_group_id, probes):
     master, exp_avg, exp_avg_sq, grad = buffers
     io = StreamIO(swapper.aio_handle, probes)
     element = master.element_size()
-    param_element = param.nvme_swapper.swap_element_size  # ds_tensor is a placeholder while swapped out
+    # while swapped out, ds_tensor is a placeholder: the swapper knows the element size
+    param_element = param.nvme_swapper.swap_element_size if on_nvme else param.ds_tensor.element_size()
     try:
         for start, length in slices(numel, bound):
             aligned = swapper._io_aligned_numel(length)
@@ -270,7 +276,7 @@ def write_param_slice(zero, param, path, master, scratch, start, length, aligned
     """The updated parameter slice: into its swap file (or its in-RAM partition)."""
     from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
 
-    if param.ds_tensor.status == PartitionedParamStatus.AVAILABLE:
+    if path is None or param.ds_tensor.status == PartitionedParamStatus.AVAILABLE:
         param.ds_tensor.data.narrow(0, start, length).copy_(master.narrow(0, 0, length))
         return
     param_dtype = param.nvme_swapper.dtype

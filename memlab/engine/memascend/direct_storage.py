@@ -22,15 +22,18 @@ import mmap
 import os
 import threading
 
-from ..probes import SWAP_MODULES, _require
+from ...errors import RunError
+from .. import patching
+from ..patching import original as _require
+from ..probes import SWAP_MODULES
 
 EXTENT_ALIGNMENT = 4096  # O_DIRECT-safe on any logical block size up to 4 KiB
 REGION_NAME = "memlab-region.swp"
 GROW_STEP = 256 << 20  # a region file grows by at least this much when it runs out
 
 
-class RegionFull(OSError):
-    pass
+class RegionFull(RunError, OSError):
+    """The region (file or device) has no room for the next extent."""
 
 
 class Region:
@@ -106,13 +109,13 @@ def read_into(fd, tensor, offset):
     """O_DIRECT pread of tensor.nbytes at offset; through an aligned bounce buffer
     when the tensor's address or size is not sector aligned."""
     nbytes = tensor.nbytes
-    aligned = tensor.data_ptr() % 4096 == 0 and nbytes % 4096 == 0 and offset % 4096 == 0
+    aligned = all(n % EXTENT_ALIGNMENT == 0 for n in (tensor.data_ptr(), nbytes, offset))
     if aligned:
         view = (ctypes.c_char * nbytes).from_address(tensor.data_ptr())
         done = os.preadv(fd, [view], offset)
     else:
-        start = offset - offset % 4096
-        length = -(-(offset + nbytes - start) // 4096) * 4096
+        start = offset - offset % EXTENT_ALIGNMENT
+        length = -(-(offset + nbytes - start) // EXTENT_ALIGNMENT) * EXTENT_ALIGNMENT
         with mmap.mmap(-1, length) as bounce:  # anonymous maps are page aligned
             done = os.preadv(fd, [bounce], start) - (offset - start)
             ctypes.memmove(tensor.data_ptr(), ctypes.addressof(ctypes.c_char.from_buffer(bounce, offset - start)),
@@ -190,9 +193,9 @@ def install(knobs, context):
 
     for module in modules:  # each module imported the functions by name
         if hasattr(module, "swap_in_tensors"):
-            module.swap_in_tensors = swap_in_tensors
+            patching.replace(module, "swap_in_tensors", swap_in_tensors)
         if hasattr(module, "swap_out_tensors"):
-            module.swap_out_tensors = swap_out_tensors
+            patching.replace(module, "swap_out_tensors", swap_out_tensors)
 
 
 def _count_sync_reads_in_wait():
@@ -206,4 +209,4 @@ def _count_sync_reads_in_wait():
         completed = original_wait(self) if _aio_pending.pop(id(self), 0) else 0
         return completed + _sync_reads.pop(id(self), 0)
 
-    handle_cls.wait = wait
+    patching.replace(handle_cls, "wait", wait)

@@ -11,7 +11,9 @@ bounded by the slice, whatever the model size.
 """
 import torch
 
-CHUNK = 1 << 20  # elements per slice: 1 MiB of bool, 8 MiB of fp64 at most
+from ...ds_rules import FUSED_CHUNK_ELEMENTS, NORM_BUFFER_ELEMENTS
+
+CHUNK = FUSED_CHUNK_ELEMENTS  # elements per slice: 1 MiB of bool, 8 MiB of fp64 at most
 
 
 def has_inf_or_nan(tensor, chunk=CHUNK):
@@ -42,13 +44,14 @@ def install(knobs, context):
     from deepspeed.runtime.zero import stage3
     from deepspeed.runtime.zero.utils import get_norm_dtype
 
-    from ..probes import _require
+    from .. import patching
+    from ..patching import original as _require
 
     optimizer_cls = stage3.DeepSpeedZeroOptimizer_Stage3
     original_has_overflow = _require(optimizer_cls, "has_overflow")
     _require(optimizer_cls, "_constant_buffered_norm2")
 
-    def _constant_buffered_norm2(self, input, buffer_size=250000000):
+    def _constant_buffered_norm2(self, input, buffer_size=NORM_BUFFER_ELEMENTS):
         return norm2(input, dtype=get_norm_dtype())
 
     def has_overflow(self, partition_gradients=True):
@@ -60,5 +63,5 @@ def install(knobs, context):
         self._model_parallel_all_reduce(tensor=flag, op=stage3.dist.ReduceOp.MAX)
         return bool(flag[0].item())
 
-    optimizer_cls._constant_buffered_norm2 = _constant_buffered_norm2
-    optimizer_cls.has_overflow = has_overflow
+    patching.replace(optimizer_cls, "_constant_buffered_norm2", _constant_buffered_norm2)
+    patching.replace(optimizer_cls, "has_overflow", has_overflow)

@@ -1,0 +1,71 @@
+"""memlab's engine optimizations (MemAscend's, and memlab's own): one record each.
+
+A record says everything the parent needs about a `memascend.*` switch: its
+name, DeepSpeed's behaviour and the optimized value, what it does, the
+validation it adds, and which module under memlab/engine/memascend/ installs
+it in the worker. Adding a switch is that module plus one record here; the
+knobs, the CLI's list, the dashboard's switch panel, `engine="memascend"` and
+the worker's installer all read this table. The estimate reads each switch's
+value where the component it changes is sized (memlab/sizing).
+
+Records are in install order: bounded staging and direct storage wrap
+DeepSpeed's swappers before the adaptive pool replaces the parameter
+swapper's buffers, and the probes wrap what all of them patched.
+Standard library only (the parent validates without importing DeepSpeed).
+"""
+from dataclasses import dataclass
+from typing import Callable, Tuple
+
+from .errors import KnobError
+
+
+@dataclass(frozen=True)
+class Optimization:
+    switch: str  # the knob, memascend.*
+    stock: str  # DeepSpeed's own behaviour
+    optimized: str
+    doc: str
+    installer: str  # module of memlab.engine.memascend with install(knobs, context)
+    checks: Tuple[Callable, ...] = ()  # check(resolved knobs): raise KnobError for what it cannot run
+
+
+def _check_storage_device(r):
+    device = r.values.get("memascend.storage_device")
+    if device and r.values.get("memascend.storage") != "direct":
+        raise KnobError("memascend.storage_device", device, "needs memascend.storage=direct")
+
+
+def _check_bounded_staging(r):
+    if r.values.get("memascend.optimizer_staging") != "bounded":
+        return
+    if r["zero_optimization.offload_optimizer.pipeline_read"] or r["zero_optimization.offload_optimizer.pipeline_write"]:
+        raise KnobError("memascend.optimizer_staging", "bounded",
+                        "not supported with offload_optimizer.pipeline_read/pipeline_write")
+    if r["zero_optimization.offload_optimizer.ratio"] != 1.0:
+        raise KnobError("memascend.optimizer_staging", "bounded", "needs offload_optimizer.ratio 1.0")
+
+
+def _check_adaptive_gds(r):
+    if r.values.get("memascend.pool") == "adaptive" and r["aio.use_gds"]:
+        raise KnobError("memascend.pool", "adaptive", "not supported with aio.use_gds (GDS keeps the pool on the GPU)")
+
+
+OPTIMIZATIONS = (
+    Optimization("memascend.storage", "files", "direct",
+                 "all swapped tensors at fixed offsets in one preallocated region instead of a file each",
+                 "direct_storage", (_check_storage_device,)),
+    Optimization("memascend.optimizer_staging", "stock", "bounded",
+                 "a one-parameter sub-group larger than the staging bound (the embedding) is stepped slice by slice "
+                 "through bounded buffers; no full-size first-step copy",
+                 "bounded_staging", (_check_bounded_staging,)),
+    Optimization("memascend.grad_checks", "stock", "fused",
+                 "overflow check and gradient norm in bounded slices, no buffer-sized temporaries",
+                 "fused_checks"),
+    Optimization("memascend.pinning", "torch", "exact",
+                 "pinned buffers take exactly their bytes rounded to the page (DeepSpeed's native backend)",
+                 "exact_pinning"),
+    Optimization("memascend.pool", "fixed", "adaptive",
+                 "parameter swap buffers sized by the partitions that use them, grown on demand",
+                 "adaptive_pool", (_check_adaptive_gds,)),
+)
+BY_SWITCH = {o.switch: o for o in OPTIMIZATIONS}

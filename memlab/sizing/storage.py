@@ -1,0 +1,86 @@
+"""What goes to NVMe: the swap files' footprint, and the bytes read and
+written through them per training step."""
+from ..ds_rules import FP32, aligned_numel, min_swap_numel, streamed_sub_group, sub_groups, swappable
+from .layout import bounded
+
+
+def nvme_footprint(numels, param_bytes, block_size, sub_group_size, intra_op_parallelism=1, params_on_nvme=True,
+                   optimizer_on_nvme=True, groups=None):
+    """Bytes the swap files hold: swappable parameter partitions in the model
+    dtype, and per swappable sub-group its fp32 master, two Adam states and
+    gradient (DeepSpeed writes each aligned to 1024 x intra_op_parallelism bytes)."""
+    total = 0
+    if params_on_nvme:
+        total += sum(aligned_numel(n, param_bytes, intra_op_parallelism) * param_bytes
+                     for n in numels if swappable(n, param_bytes, block_size))
+    if optimizer_on_nvme:
+        for group in groups if groups is not None else sub_groups(numels, sub_group_size):
+            size = sum(group)
+            if swappable(size, FP32, block_size):
+                total += 4 * aligned_numel(size, FP32, intra_op_parallelism) * FP32
+    return total
+
+
+def nvme_bytes(layout, storage="files"):
+    """The swap footprint per rank (nvme_footprint). Hook of memascend.storage: `direct` puts the same
+    tensors at fixed offsets in one region (direct_storage), which Lab preallocates to this footprint."""
+    v = layout.values
+    return nvme_footprint(layout.parts, layout.element, v["aio.block_size"], v["zero_optimization.sub_group_size"],
+                          layout.io, layout.params_nvme, layout.opt_nvme, layout.groups)
+
+
+def _param_fetches(layout):
+    """Forward + backward fetches of each parameter swapped in training: {partition index: fetches}."""
+    structure, checkpointing = layout.spec.structure, layout.checkpointing
+    layers = structure["layers"] + "."
+    last_modules = {m for m in structure["last_modules"] if m}
+    uses = {}
+    for index, (name, swapped) in enumerate(zip(layout.names, layout.swapped_in_training)):
+        if not swapped:
+            continue
+        fetches = 2
+        if structure["tied"] and name == structure["input_embedding"]:
+            fetches = 4  # the embedding and the lm_head each fetch it, in forward and backward
+        elif checkpointing and name.startswith(layers):
+            # recomputed in backward; the last module a layer runs is still gathered from the recompute
+            # when its backward runs, so it is not fetched a third time
+            fetches = 2 if name.rpartition(".")[0] in last_modules else 3  # the parameter's own module
+        uses[index] = fetches
+    return uses
+
+
+def swap_per_step(layout, staging="stock"):
+    """Bytes through the swap files per training step, by direction and kind, as the probes count them
+    (`swap_by_kind`): (steady state, first step). Parameters (partitioned_param_swapper) only while they
+    really swap; per swapped sub-group its three fp32 states and its gradients (optimizer swappers;
+    gradients below the swap floor stay in RAM). Hook of memascend.optimizer_staging: `bounded` reads and
+    writes a streamed sub-group in bound-sized slices (bounded_staging)."""
+    out = {}
+    e, io = layout.element, layout.io
+    if layout.real_swapping:
+        uses = _param_fetches(layout)
+        aligned = {i: aligned_numel(layout.parts[i], e, io) * e for i in uses}
+        out["in.param"] = sum(aligned[i] * uses[i] for i in uses)
+        out["out.param"] = sum(aligned.values())
+    bound = layout.values["memascend.staging_elements"]
+    grad_floor = min_swap_numel(FP32, layout.values["aio.block_size"])  # fp32 gradients below this stay in RAM
+    streams = bounded(layout, staging)
+    grad_bytes = opt_bytes = 0
+    for i in layout.swappable_groups:
+        group, size = layout.groups[i], layout.group_sizes[i]
+        if streams and streamed_sub_group(len(group), size, bound):  # read and written in bound-sized slices
+            pieces = grads = [min(bound, size - start) for start in range(0, size, bound)]
+        else:
+            pieces, grads = [size], group  # one tensor per state; a gradient file per parameter
+        opt_bytes += sum(aligned_numel(p, FP32, io) for p in pieces) * FP32
+        grad_bytes += sum(aligned_numel(n, FP32, io) for n in grads if n >= grad_floor) * FP32
+    if opt_bytes:
+        out["out.optimizer"] = 3 * opt_bytes
+        out["in.optimizer"] = 3 * opt_bytes
+    if grad_bytes:
+        out["out.gradient"] = grad_bytes
+        out["in.gradient"] = grad_bytes
+    first = dict(out)
+    if opt_bytes:
+        first["in.optimizer"] = opt_bytes  # no Adam state on disk yet: the master weights only
+    return out, first

@@ -1,0 +1,194 @@
+"""The MemAscend engine's parts without a run: the fused checks equal stock's,
+the staging plan and the knobs' refusals, direct storage's round trips. The
+real runs (each optimization gives the stock run's losses exactly and changes
+the host memory it is meant to change): tests/engine/test_memascend_runs.py."""
+import os
+import random
+import subprocess
+
+import pytest
+import torch
+
+from memlab import Knobs, KnobError, ModelSpec
+from memlab.engine.memascend import direct_storage, fused_checks
+from memlab.knobs import MEMASCEND_SWITCHES
+from memlab.sizing import aligned_numel, staging_plan
+
+
+# ------------------------------------------------------------------ fused checks
+
+def stock_has_inf_or_nan(x):
+    return bool(torch.isinf(x).any() or torch.isnan(x).any())
+
+
+@pytest.mark.parametrize("position", [0, 1, 1023, 1024, 4095, 4096, 9999])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_fused_overflow_flag_equals_stock(position, bad):
+    x = torch.randn(10_000)
+    assert fused_checks.has_inf_or_nan(x, chunk=1024) is False
+    assert stock_has_inf_or_nan(x) is False
+    x[position] = bad
+    assert fused_checks.has_inf_or_nan(x, chunk=1024) is True
+    assert stock_has_inf_or_nan(x) is True
+
+
+def test_fused_norm_equals_stock_to_fp64_rounding():
+    import math
+
+    generator = torch.Generator().manual_seed(0)
+    for n in (1, 1000, 1 << 20, 3_000_001):
+        x = torch.randn(n, generator=generator) * 3
+        exact = math.sqrt(math.fsum(v * v for v in x.to(torch.float64).tolist()))
+        stock = float(x.to(torch.float64).norm(2))  # _constant_buffered_norm2 for n < 2.5e8
+        fused = fused_checks.norm2(x, chunk=65_536)
+        assert fused.dtype == torch.float64
+        # The stated bound: summing n squares in fp64 in any order errs by at most n x 2^-52 relative.
+        assert abs(float(fused) - stock) <= n * 2 ** -52 * stock
+        assert abs(float(fused) - exact) <= 1e-14 * exact
+
+
+# ------------------------------------------------------------------ staging plan
+
+def test_staging_plan_streams_only_one_parameter_groups_above_the_bound():
+    numels = [8_388_608, 65_536, 16_384, 16_384, 65_536, 528_384, 256, 256]  # embedding first, then a layer
+    plan = staging_plan(numels, sub_group_size=8_388_608)
+    assert plan["streamed"] == [0]
+    assert plan["bound"] == 1 << 22  # the multi-parameter group is smaller than the floor
+    assert plan["largest_kept_group"] == numels[1:]
+    no_stream = staging_plan(numels, sub_group_size=10**9)  # one group of everything: nothing to stream
+    assert no_stream["streamed"] == [] and no_stream["bound"] == aligned_numel(sum(numels), 4, 4)
+
+
+def test_staging_elements_below_a_multi_parameter_group_is_refused():
+    knobs = Knobs({"memascend.optimizer_staging": "bounded", "memascend.staging_elements": 4096,
+                   "zero_optimization.sub_group_size": 10**8})
+    with pytest.raises(KnobError, match="memascend.staging_elements=4096: smaller than the largest sub-group"):
+        knobs.resolve(ModelSpec.resolve("tiny-llama"))
+
+
+def test_bounded_staging_refuses_pipelined_swapping():
+    knobs = Knobs({"memascend.optimizer_staging": "bounded", "zero_optimization.offload_optimizer.pipeline_read": True,
+                   "zero_optimization.offload_optimizer.buffer_count": 12})
+    with pytest.raises(KnobError, match="memascend.optimizer_staging='bounded': not supported with"):
+        knobs.resolve(ModelSpec.resolve("tiny-llama"))
+
+
+def test_engine_memascend_turns_every_switch_on():
+    knobs = Knobs(engine="memascend")
+    assert knobs.engine == "memascend"
+    assert all(knobs[name] == optimized for name, (_, optimized) in MEMASCEND_SWITCHES.items())
+    assert knobs.resolve(ModelSpec.resolve("tiny-llama"))["allocator.DS_PIN_MEMORY_BACKEND"] == "native"
+    one = Knobs({"memascend.pool": "adaptive"})
+    assert one.engine == "custom"
+
+
+# ------------------------------------------------------------------ direct storage
+
+def aio_handle():
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    return AsyncIOBuilder().load(verbose=False).aio_handle(block_size=1 << 20, queue_depth=8, single_submit=False,
+                                                             overlap_events=True, intra_op_parallelism=1)
+
+
+@pytest.fixture(autouse=True)
+def no_patch_outlives_its_test(monkeypatch):
+    """What a test installs in this process (a patched aio wait, the active
+    extent map) is undone after it, passed or failed."""
+    from memlab.engine import patching
+
+    monkeypatch.setattr(direct_storage, "ACTIVE", direct_storage.ACTIVE)
+    yield
+    patching.undo_all()
+
+
+def round_trip(region_path, device, tmp_path):
+    """Write tensors of many sizes through the extent map with DeepSpeed's aio
+    handle, read them back into fresh buffers, compare checksums."""
+    import hashlib
+
+    handle = aio_handle()
+    extents = direct_storage.ExtentMap(direct_storage.Region(region_path, 1 << 20, device=device))
+    direct_storage.ACTIVE = extents
+    if device:
+        direct_storage._count_sync_reads_in_wait()
+    rng = random.Random(0)
+    written = {}
+    for i in range(24):
+        numel = aligned_numel(rng.randint(1, 300_000), 4)
+        tensor = handle.new_cpu_locked_tensor(numel, torch.zeros(1))
+        tensor.copy_(torch.randn(numel))
+        path = str(tmp_path / f"{i}_param.tensor.swp")
+        direct_storage.submit_write(handle, tensor, path)
+        assert extents.extents[path][0] % direct_storage.EXTENT_ALIGNMENT == 0
+        written[path] = (hashlib.sha256(tensor.numpy().tobytes()).hexdigest(), numel)
+    assert handle.wait() == len(written)
+    for path, (digest, numel) in written.items():
+        buffer = handle.new_cpu_locked_tensor(numel, torch.zeros(1))
+        direct_storage.submit_read(handle, buffer, path)
+        assert handle.wait() == 1  # memlab's own reads on a device count like aio completions
+        assert hashlib.sha256(buffer.numpy().tobytes()).hexdigest() == digest
+    path, (digest, numel) = next(iter(written.items()))
+    part = handle.new_cpu_locked_tensor(1000, torch.zeros(1))
+    if device:  # memlab's own device read takes an unaligned offset through a bounce buffer
+        direct_storage.submit_read(handle, part, path, offset=4 * 100)
+        handle.wait()
+        whole = handle.new_cpu_locked_tensor(numel, torch.zeros(1))
+        direct_storage.submit_read(handle, whole, path)
+        handle.wait()
+        assert torch.equal(part, whole[100:1100])
+    else:  # aio with O_DIRECT would silently read the wrong bytes: refused
+        with pytest.raises(ValueError, match="not a multiple of 512"):
+            direct_storage.submit_read(handle, part, path, offset=4 * 100)
+    direct_storage.ACTIVE = None
+    assert not any(f.endswith(".swp") for f in os.listdir(tmp_path))  # no file per tensor
+    return extents
+
+
+def test_direct_storage_round_trips_bit_for_bit_in_a_region_file(tmp_path):
+    extents = round_trip(str(tmp_path / "region.bin"), False, tmp_path)
+    assert extents.region.capacity >= extents.next_offset > 1 << 20  # it grew past its first size
+    offsets = sorted(extents.extents.values())
+    assert all(a[0] + a[1] <= b[0] for a, b in zip(offsets, offsets[1:]))  # extents never overlap
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    backing = tmp_path / "backing.img"
+    with open(backing, "wb") as f:
+        f.truncate(64 << 20)
+    try:
+        device = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"loop devices are not available here: {exc}")
+    yield device
+    subprocess.run(["losetup", "-d", device], check=False)
+
+
+def test_direct_storage_round_trips_on_a_raw_block_device(loop_device, tmp_path):
+    from memlab.lab import check_block_device
+
+    check_block_device(loop_device)  # a free loop device passes validation
+    extents = round_trip(loop_device, True, tmp_path)
+    assert extents.region.capacity == 64 << 20
+    with pytest.raises(direct_storage.RegionFull, match="needed"):
+        extents.reserve("too-big", 128 << 20)
+
+
+def test_a_mounted_or_regular_path_is_refused_as_storage_device(tmp_path):
+    from memlab.lab import check_block_device, mounted_devices
+
+    with pytest.raises(KnobError, match="is not a block device"):
+        check_block_device(str(tmp_path))
+    with pytest.raises(KnobError, match="cannot use it"):
+        check_block_device(str(tmp_path / "missing"))
+    mounted = sorted(d for d in mounted_devices() if os.path.exists(d))
+    if mounted:
+        with pytest.raises(KnobError, match="is mounted"):
+            check_block_device(mounted[0])
+
+
+def test_storage_device_needs_direct_storage():
+    with pytest.raises(KnobError, match="needs memascend.storage=direct"):
+        Knobs({"memascend.storage_device": "/dev/loop0"}).resolve(ModelSpec.resolve("tiny-llama"))
