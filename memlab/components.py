@@ -42,6 +42,11 @@ ALL = (
 # (summary field `peak_engine_host_bytes` excludes them).
 NOT_ENGINE = frozenset({FRAMEWORK, ACTIVATIONS, OTHER})
 
+# Components whose allocations live for moments (a sub-group's optimizer step):
+# shorter than the sampling interval, so the probes take a sample as each is
+# recorded rather than leave the peak to whether a tick falls inside one.
+TRANSIENT = frozenset({OPTIMIZER_TRANSIENTS})
+
 # Components whose bytes are inside the process RSS. page_cache is kernel
 # memory, not RSS: it is reported beside RSS, never subtracted from it.
 OUTSIDE_RSS = frozenset({PAGE_CACHE})

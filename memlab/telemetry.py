@@ -216,11 +216,16 @@ class Sampler(threading.Thread):
         self.heap_free = Budgeted(heap_free_bytes)
         self.interval = interval
         self._stop_event = threading.Event()
+        self._lock = threading.Lock()  # a sample is also taken from the training thread (a transient's record)
         self.peak_rss = 0
         self.ticks = 0
         self.cpu_seconds = 0.0  # this thread's own CPU time: the sampler's cost, measured
 
     def sample_once(self):
+        with self._lock:
+            return self._sample()
+
+    def _sample(self):
         status = read_status()
         io = read_io()
         page_cache = self.page_cache.get()

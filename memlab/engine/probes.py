@@ -87,6 +87,7 @@ class Probes:
         self.extra_activations = []  # callables returning bytes (gathered params, buckets)
         self.framework_bytes = None
         self.hook_seconds = 0.0  # time spent in the occupancy hooks, measured
+        self.sample_now = None  # the sampler's sample_once: called as a transient is recorded
         self._next_key = 0
 
     # -- allocations -----------------------------------------------------------
@@ -107,6 +108,10 @@ class Probes:
                     self.exact_used += fields["requested"]
             self._note_used()
         self.writer.emit("alloc", **fields)
+        if component in C.TRANSIENT and self.sample_now is not None:
+            started = time.perf_counter()
+            self.sample_now()  # while it is alive: it may be gone before the next tick
+            self.hook_seconds += time.perf_counter() - started
         return key
 
     def record_free(self, key):

@@ -220,6 +220,7 @@ class Worker:
             return fields
 
         self.sampler = Sampler(self.writer, attribute, self._swap_files, interval=1.0 / self.knobs["run.sample_hz"])
+        self.probes.sample_now = self.sampler.sample_once
         self.sampler.start()
 
     def _watch_op_locks(self, every=5.0):

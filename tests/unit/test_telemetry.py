@@ -437,3 +437,23 @@ def test_sampler_survives_a_failing_callback(tmp_path):
     assert len(events) >= 2  # kept ticking after the first failure
     assert all(e["message"] == "sampler: RuntimeError('boom')" for e in events)
     assert len(stub.calls) == len(events) + 1
+
+
+def test_a_transient_freed_between_ticks_is_still_in_a_sample(tmp_path):
+    """A sub-group's first-step optimizer state lives for a moment: the probes take
+    a sample as it is recorded, so the peak does not depend on where a tick falls."""
+    from memlab import components as C
+    from memlab.engine.probes import Probes
+
+    writer = EventWriter(tmp_path / "events.jsonl")
+    probes = Probes(writer)
+    sampler = Sampler(writer, lambda rss, cache, heap: probes.attribute(rss, cache, heap), lambda: [],
+                      interval=3600)  # never ticks: every sample below is one the probes asked for
+    probes.sample_now = sampler.sample_once
+    probes.record_alloc(C.PARAM_POOL, 1 << 20, 1 << 20, "pinned")
+    key = probes.record_alloc(C.OPTIMIZER_TRANSIENTS, 3 << 20, 3 << 20, "pageable")
+    probes.record_free(key)
+    writer.close()
+    samples = [e for e in read_events(tmp_path / "events.jsonl")[0] if e["kind"] == "sample"]
+    assert [s["components"][C.OPTIMIZER_TRANSIENTS] for s in samples] == [3 << 20]  # buffers ask for none
+    assert samples[0]["components"][C.PARAM_POOL] == 1 << 20
