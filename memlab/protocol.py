@@ -85,9 +85,33 @@ def swap_folder_owner(path):
 
 
 def remove_swap_folder(path):
-    """Remove a run's swap folder, only if memlab created it (marker file)."""
-    if path and os.path.isfile(os.path.join(path, SWAP_MARKER)):
-        shutil.rmtree(path, ignore_errors=True)
+    """Remove a run's swap folder, only if memlab created it (marker file). The
+    marker goes last: the worker, its watchdog and the lab each remove the folder
+    as they end, and one of them may be killed mid-way (the lab ends the run's
+    process group); a removal cut short leaves the folder still marked, for the
+    next to finish, never an unmarked folder that blocks the swap root."""
+    if not path or not os.path.isfile(os.path.join(path, SWAP_MARKER)):
+        return
+    try:
+        names = [n for n in os.listdir(path) if n != SWAP_MARKER]
+    except OSError:
+        return
+    for name in names:
+        entry = os.path.join(path, name)
+        if os.path.isdir(entry) and not os.path.islink(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            try:
+                os.unlink(entry)
+            except OSError:
+                pass
+    try:
+        if any(n != SWAP_MARKER for n in os.listdir(path)):
+            return  # something is still writing here: keep the claim
+        os.unlink(os.path.join(path, SWAP_MARKER))
+        os.rmdir(path)
+    except OSError:
+        pass  # another remover got there first
 
 
 def no_space_left(path):

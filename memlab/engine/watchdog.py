@@ -96,8 +96,31 @@ def last_phase(events_file):
 
 
 def remove_swap_folder(path):
-    if path and os.path.isfile(os.path.join(path, SWAP_MARKER)):
-        shutil.rmtree(path, ignore_errors=True)
+    """memlab.protocol.remove_swap_folder, which this file cannot import: remove a
+    run's swap folder, only if memlab created it (marker file), the marker last
+    (the reasons are there)."""
+    if not path or not os.path.isfile(os.path.join(path, SWAP_MARKER)):
+        return
+    try:
+        names = [n for n in os.listdir(path) if n != SWAP_MARKER]
+    except OSError:
+        return
+    for name in names:
+        entry = os.path.join(path, name)
+        if os.path.isdir(entry) and not os.path.islink(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            try:
+                os.unlink(entry)
+            except OSError:
+                pass
+    try:
+        if any(n != SWAP_MARKER for n in os.listdir(path)):
+            return  # something is still writing here: keep the claim
+        os.unlink(os.path.join(path, SWAP_MARKER))
+        os.rmdir(path)
+    except OSError:
+        pass  # another remover got there first
 
 
 def main(argv):

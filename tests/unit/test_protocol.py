@@ -32,6 +32,25 @@ def test_a_swap_folder_is_removed_only_when_memlab_marked_it(tmp_path):
     assert foreign.exists() and not ours.exists()
 
 
+@pytest.mark.parametrize("remover", [protocol, watchdog], ids=["lab-and-worker", "watchdog"])
+def test_a_removal_cut_short_leaves_the_folder_marked_for_the_next(tmp_path, monkeypatch, remover):
+    """The worker, its watchdog and the lab each remove the swap folder; one may be killed
+    mid-way. The marker goes last, so an unfinished removal never leaves an unmarked folder
+    (which would make the shared swap root look foreign to every later run)."""
+    ours = tmp_path / "ours"
+    (ours / "zero_stage_3" / "optimizer").mkdir(parents=True)
+    (ours / "zero_stage_3" / "optimizer" / "exp_avg-0_0.tensor.swp").write_bytes(b"0")
+    (ours / "region.swp").write_bytes(b"0")
+    protocol.mark_swap_folder(ours, "run-1")
+    with monkeypatch.context() as m:
+        m.setattr(remover.shutil, "rmtree", lambda path, ignore_errors=False: None)  # cut short here
+        remover.remove_swap_folder(ours)
+    assert (ours / protocol.SWAP_MARKER).is_file() and (ours / "zero_stage_3").is_dir()
+    assert not (ours / "region.swp").exists()
+    remover.remove_swap_folder(ours)  # the next remover finishes
+    assert not ours.exists()
+
+
 def test_no_space_left_only_on_a_folder_that_exists(tmp_path):
     assert protocol.no_space_left(None) is False
     assert protocol.no_space_left(tmp_path / "missing") is False
