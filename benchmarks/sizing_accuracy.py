@@ -90,6 +90,13 @@ def compared(run, est):
     return rows
 
 
+def measured_peak_phase(run):
+    """The phase (and step) of the sample where RSS peaked."""
+    samples = run.timeline.samples
+    peak = max(samples, key=lambda s: s["rss"]) if samples else {}
+    return f"{peak.get('phase', '?')} (step {peak.get('step', '?')})"
+
+
 def run_all(lab, jobs, at_once=2):
     """Each (knobs, model) run for real, `at_once` at a time (each its own worker): the Runs, in order."""
     runs, live = [None] * len(jobs), []
@@ -131,10 +138,11 @@ def main():
         jobs = [(knobs.set({"run.swap_dir": os.path.join(folder, "swap")}), config) for config, _, knobs, _ in cases]
         os.makedirs(os.path.join(folder, "swap"))
         runs = run_all(lab, jobs)
-        results = []
+        results, phases = [], []
         for (config, values, knobs, est), run in zip(cases, runs):
             ok = run.summary["status"] == "ok"
             results.append((config, values, knobs, compared(run, est) if ok else None, None if ok else run.summary["error"]))
+            phases.append((est.peak_phase, measured_peak_phase(run) if ok else "-"))
 
     lines = [f"seed {seed}: {len(cases)} draws ({skipped} refused or warned draws skipped), {args.steps} steps each; "
              f"a component is within the bound at 5% or 16 MiB, whichever is larger", "",
@@ -157,9 +165,9 @@ def main():
     lines += ["", f"components outside the bound: {misses}; failed runs: {len(failed)}", "", "worst absolute errors:"]
     lines += [f"- draw {i} {name}: predicted {format_bytes(p)}, measured {format_bytes(m)} ({format_bytes(p - m)})"
               for _, i, name, p, m in worst[:8]]
-    lines += ["", "draws:"]
-    lines += [f"- {i}: {json.dumps(config)}; {knobs.engine}; {json.dumps(values)}"
-              for i, (config, values, knobs, *_rest) in enumerate(results, 1)]
+    lines += ["", "draws (the estimate's peak phase / the measured one):"]
+    lines += [f"- {i}: {json.dumps(config)}; {knobs.engine}; {json.dumps(values)}; peak {phase[0]} / {phase[1]}"
+              for i, ((config, values, knobs, *_rest), phase) in enumerate(zip(results, phases), 1)]
     text = "\n".join(lines)
     print(text)
     os.makedirs(OUT, exist_ok=True)

@@ -3,6 +3,7 @@ give the stock run's losses exactly (fp32, CPU accelerator, fixed seed), and
 each changes the host memory it is meant to change. Its parts without a run:
 tests/unit/test_memascend.py."""
 import pytest
+from helpers import run_together
 
 from memlab import Knobs, KnobError, Lab, ModelSpec
 from memlab import components as C
@@ -25,8 +26,7 @@ def runs(tmp_path_factory):
     for name, (_, optimized) in MEMASCEND_SWITCHES.items():
         variants[name] = Knobs({name: optimized})
     done = {}
-    for name, knobs in variants.items():
-        run = lab.run(knobs.set(steps=3), model=STREAMED, wait=True)
+    for name, run in zip(variants, run_together(lab, [(knobs.set(steps=3), STREAMED) for knobs in variants.values()])):
         assert run.summary["status"] == "ok", f"{name}: {run.summary['error']}"
         done[name] = run
     return done
@@ -119,10 +119,9 @@ def test_bounded_staging_with_parameters_in_ram(tmp_path):
     # its copy in the flat buffer (the copy redirects ds_tensor.data; the native allocation is freed
     # only with its root): the partitions held must be the estimate's, not a second copy of the model.
     losses = {}
-    for engine, where in cases:
-        knobs = Knobs({device: where, "run.steps": 2}, engine=engine)
+    jobs = [(Knobs({device: where, "run.steps": 2}, engine=engine), STREAMED) for engine, where in cases]
+    for (engine, where), (knobs, _), run in zip(cases, jobs, run_together(lab, jobs)):
         assert knobs.resolve(ModelSpec.resolve(STREAMED)).staging_plan["streamed"]  # the embedding is streamed
-        run = lab.run(knobs, model=STREAMED, wait=True)
         assert run.summary["status"] == "ok", f"{engine}, {where}: {run.summary['error']}"
         losses[engine, where] = run.summary["losses"]
         freed = {e["id"] for e in run.events if e["kind"] == "free"}
