@@ -195,6 +195,14 @@ FUSED_CHUNK_ELEMENTS = 1 << 20
 PAGE_BYTES = 4096  # x86-64 / aarch64 default page: what sizing assumes of a machine it sizes
 
 
+def reads_in_place(address, page_bytes=PAGE_BYTES):
+    """Can an O_DIRECT read land at this address? DeepSpeed's swap_into_buffer
+    reads straight into a locked, size-aligned destination without asking; a
+    partition starting at an unaligned offset of a flat buffer comes back as
+    zeros. memlab's patches read such a destination through a swap buffer."""
+    return address % page_bytes == 0
+
+
 def page_round(nbytes, page_bytes=PAGE_BYTES):
     """Bytes a locked buffer takes: deepspeed/ops/csrc/pin_memory/page_alloc.cpp
     ds_page_aligned_alloc (posix_memalign(sysconf(_SC_PAGESIZE)) + mlock), which

@@ -19,7 +19,7 @@ import shutil
 
 import torch
 
-from ...ds_rules import io_alignment_bytes, min_swap_bytes, numel_alignment
+from ...ds_rules import io_alignment_bytes, min_swap_bytes, numel_alignment, reads_in_place
 from .. import patching
 from ..patching import original as _require
 
@@ -58,7 +58,7 @@ def install(knobs, context):
     swapper_cls = pps.AsyncPartitionedParameterSwapper
     for name in ("_configure_aio", "_allocate_and_return_buffers_for_swap_in", "get_buffer",
                  "remove_partition_and_release_buffers", "reserve_available_buffers", "release_reserved_buffers",
-                 "available_swap_in_buffers", "swap_in"):
+                 "available_swap_in_buffers", "swap_in", "swap_into_buffer"):
         _require(swapper_cls, name)
 
     def _configure_aio(self, ds_config):
@@ -155,11 +155,27 @@ def install(knobs, context):
         if not async_op:
             self.synchronize_reads()
 
+    def swap_into_buffer(self, param, dest_buffer):
+        # DeepSpeed's swap_into_buffer (a partition brought into the CPU flat buffer for good, max_in_cpu)
+        # without its `available_buffer_ids` assert: a destination the read cannot land in directly (not
+        # locked, not I/O-aligned in size or in address) is read through a pool buffer, as any swap-in.
+        assert param.ds_tensor.status == pps.PartitionedParamStatus.NOT_AVAILABLE, \
+            f"param {param.ds_id} is already available or inflight"
+        if (self.aio_read_handle.is_pinned(dest_buffer) and self._is_io_aligned(dest_buffer.numel())
+                and reads_in_place(dest_buffer.data_ptr())):
+            pps.swap_in_tensors(self.aio_read_handle, [dest_buffer], self._get_swap_paths([param]))
+            self._update_inflight_swap_in([param], [dest_buffer], dest_buffer.numel())
+            self.synchronize_reads()
+            return
+        self.swap_in([param], async_op=False)
+        dest_buffer.data.copy_(param.ds_tensor.data)
+        self.remove_partition_and_release_buffers([param])
+
     def buffer_capacities(self):
         return [n * self.swap_element_size for n in self.adaptive_pool.sizes]
 
     for function in (_configure_aio, _allocate_and_return_buffers_for_swap_in, get_buffer,
                      remove_partition_and_release_buffers, reserve_available_buffers, release_reserved_buffers,
-                     available_swap_in_buffers, swap_in):
+                     available_swap_in_buffers, swap_in, swap_into_buffer):
         patching.replace(swapper_cls, function.__name__, function)
     patching.add(swapper_cls, "buffer_capacities", buffer_capacities)

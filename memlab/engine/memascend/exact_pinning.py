@@ -23,10 +23,24 @@ stayed locked beside its copy, a second copy of the parameters (measured:
 78 MiB of a 20M-parameter GPT-2's partitions, for the whole run). The backend
 frees a redirected tensor's original region by the address it recorded
 (`unpin`), which is what this does once the copy is made.
+
+And one read the native backend exposes: `swap_into_buffer` (a partition on
+NVMe brought into that flat buffer for good, max_in_cpu) reads straight into
+the destination when the aio handle knows it as locked and its size is
+I/O-aligned, and never checks its address. Stock pinning is invisible to the
+aio handle, so stock always reads through a swap buffer; with the native
+backend the flat buffer is the handle's own locked memory, and a partition
+that starts at an unaligned offset (hidden size 1000) was read with O_DIRECT
+into an unaligned address: it came back as zeros, the first loss was
+ln(vocab) and training did not move. Such a destination is read through a
+swap buffer, as stock does.
 """
+
+from ...ds_rules import reads_in_place
 
 
 def install(knobs, context):
+    from deepspeed.runtime.swap_tensor import partitioned_param_swapper as pps
     from deepspeed.runtime.zero import stage3
     from deepspeed.utils.pin_memory import get_active_native_pinned_memory
 
@@ -48,3 +62,15 @@ def install(knobs, context):
         return result
 
     patching.replace(optimizer_cls, "_move_to_flat_buffer", _move_to_flat_buffer)
+
+    swapper_cls = pps.AsyncPartitionedParameterSwapper
+    swap_into = patching.original(swapper_cls, "swap_into_buffer")  # DeepSpeed's, or the adaptive pool's
+
+    def swap_into_buffer(self, param, dest_buffer):
+        if reads_in_place(dest_buffer.data_ptr()):
+            return swap_into(self, param, dest_buffer)
+        self.swap_in([param], async_op=False)  # into a swap buffer, then copied: stock's path
+        dest_buffer.data.copy_(param.ds_tensor.data)
+        self.remove_partition_and_release_buffers([param])
+
+    patching.replace(swapper_cls, "swap_into_buffer", swap_into_buffer)
