@@ -64,7 +64,8 @@ def install(knobs, context):
     patching.replace(optimizer_cls, "_move_to_flat_buffer", _move_to_flat_buffer)
 
     swapper_cls = pps.AsyncPartitionedParameterSwapper
-    swap_into = patching.original(swapper_cls, "swap_into_buffer")  # DeepSpeed's, or the adaptive pool's
+    # DeepSpeed's (the adaptive pool, installed after this, replaces it with its own under the same rule)
+    swap_into = patching.original(swapper_cls, "swap_into_buffer")
 
     def swap_into_buffer(self, param, dest_buffer):
         if reads_in_place(dest_buffer.data_ptr()):
