@@ -10,8 +10,9 @@ buffer counts, sub-group size, max_in_cpu, batch, sequence, gradient
 checkpointing). Draws that memlab refuses or warns about are skipped (they
 are benchmarks/envelope.py's subject). Every draw is estimated before it runs,
 then run for real (DeepSpeed ZeRO-3 on this machine's accelerator, two runs at
-a time). For every run and every component the estimate's value at its peak is
-compared with the probes' at the measured peak; a component is within the
+a time). For every run and every component the estimate's value in the phase
+where the run peaked is compared with the probes' at that peak (the estimate's
+own peak phase is printed beside it); a component is within the
 bound when it is within 5% or 16 MiB, whichever is larger. Prints the table,
 the worst errors, and writes benchmarks/out/sizing_accuracy.md and .html.
 """
@@ -80,9 +81,11 @@ def within(predicted, measured):
 
 
 def compared(run, est):
-    """(component, predicted, measured) at the peak, for every component either side holds."""
+    """(component, predicted, measured) at the peak, for every component either side holds: the
+    estimate's components in the phase where the run peaked (two phases whose totals are close may
+    swap places; each phase's components are what the model claims)."""
     measured = run.summary["components_at_peak"]
-    predicted = est.components
+    predicted = est.probed_at(run.summary["peak_phase"], run.summary["peak_step"])
     names = [c for c in C.ALL if c not in C.OUTSIDE_RSS and (predicted.get(c) or measured.get(c))]
     rows = [(c, predicted.get(c, 0), measured.get(c, 0)) for c in names]
     rows.append(("peak engine host", est.probed_peak_engine_host_bytes, run.summary["peak_engine_host_bytes"]))

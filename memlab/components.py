@@ -5,6 +5,7 @@ run and an estimate compare component by component.
 """
 
 FRAMEWORK = "framework"
+RUNTIME = "runtime"
 PARAM_POOL = "param_pool"
 PARAM_PARTITION_BUFFER = "param_partition_buffer"
 PARAM_CPU_FLAT = "param_cpu_flat"
@@ -23,6 +24,7 @@ OTHER = "other"
 # then what the engine does not own.
 ALL = (
     FRAMEWORK,
+    RUNTIME,
     PARAM_POOL,
     PARAM_PARTITION_BUFFER,
     PARAM_CPU_FLAT,
@@ -39,8 +41,9 @@ ALL = (
 )
 
 # Components that are not the offload engine's own host memory
-# (summary field `peak_engine_host_bytes` excludes them).
-NOT_ENGINE = frozenset({FRAMEWORK, ACTIVATIONS, OTHER})
+# (summary field `peak_engine_host_bytes` excludes them): code and objects
+# (framework, runtime), the model's tensors in flight, and what nobody owns.
+NOT_ENGINE = frozenset({FRAMEWORK, RUNTIME, ACTIVATIONS, OTHER})
 
 # Components whose allocations live for moments (a sub-group's optimizer step):
 # shorter than the sampling interval, so the probes take a sample as each is
@@ -53,6 +56,7 @@ OUTSIDE_RSS = frozenset({PAGE_CACHE})
 
 DESCRIPTIONS = {
     FRAMEWORK: "interpreter and libraries before the engine starts",
+    RUNTIME: "what building the model and engine holds beyond its buffers (modules, ops, aio handles, CPU Adam)",
     PARAM_POOL: "parameter swap buffers (offload_param.buffer_count x buffer_size)",
     PARAM_PARTITION_BUFFER: "partitioned swap buffer for the largest optimizer sub-group's parameters",
     PARAM_CPU_FLAT: "CPU flat parameter buffer (params kept in RAM up to max_in_cpu)",
@@ -61,7 +65,7 @@ DESCRIPTIONS = {
     GRAD_FLAT: "gradient flat buffer (one element per parameter)",
     OPTIMIZER_STATE: "fp32 master weights and Adam state in host RAM (optimizer offloaded to the CPU)",
     OPTIMIZER_TRANSIENTS: "first-step state copies, fp64 norm copy, overflow-check and dtype temporaries",
-    ACTIVATIONS: "device-side tensors in host RAM on the CPU accelerator: activations, gathered params, buckets",
+    ACTIVATIONS: "tensors in flight in host RAM (on the CPU accelerator: activations, logits, gradients, buckets)",
     OFFLOADED_CHECKPOINTS: "activation checkpoints offloaded to host memory",
     PAGE_CACHE: "swap-file pages in the kernel page cache (outside RSS)",
     HEAP_FREE: "bytes glibc's heap holds but does not use (fragmentation of the ordinary heap)",

@@ -64,6 +64,8 @@ def node_samples(events):
             for name, value in s.get("components", {}).items():
                 components[name] = components.get(name, 0) + value
         combined["components"] = components
+        first = latest[min(latest)]  # the lowest rank's phase names the node's moment (ranks step together)
+        combined["phase"], combined["step"] = first.get("phase"), first.get("step")
         out.append(combined)
     return out
 
@@ -160,6 +162,8 @@ def summarize_one(events, status=None, error=None):
         "fragmentation_at_peak": round(fragmentation, 6),
         "peak_engine_host_bytes": engine_peak,
         "components_at_peak": dict(peak_sample.get("components", {})) if peak_sample else {},
+        "peak_phase": peak_sample.get("phase") if peak_sample else None,  # where the peak sample was taken
+        "peak_step": peak_sample.get("step") if peak_sample else None,
         "step_time_median_s": statistics.median(step_times) if step_times else None,
         "losses": [st["loss"] for st in steps],
         "swap_read_bytes_per_step": (sum(st["swap_in_bytes"] for st in steps) // n) if n else 0,

@@ -9,6 +9,7 @@ import ctypes.util
 import json
 import mmap
 import os
+import sys
 import threading
 import time
 
@@ -141,12 +142,104 @@ _libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctype
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-def heap_free_bytes():
-    """Bytes glibc's malloc arenas hold free (fordblks, which includes the top
-    pad): the fragmentation of the ordinary heap. 0 where mallinfo2 is missing."""
+class Heap(tuple):
+    """One reading of glibc's malloc: `free`, bytes its arenas hold unused
+    (fordblks, the top pad included: the fragmentation of the ordinary heap), and
+    `live`, bytes handed out, not yet freed and in RAM (uordblks + hblkhd, less
+    the pages of mmapped blocks nobody has written yet). Every tensor torch or
+    DeepSpeed makes on the host is a malloc block (posix_memalign), so `live`
+    counts them all, views once. Zeros where mallinfo2 is missing (`known` False)."""
+    __slots__ = ()
+
+    def __new__(cls, free=0, live=0, known=True):
+        return super().__new__(cls, (int(free), int(live), bool(known)))
+
+    free = property(lambda self: self[0])
+    live = property(lambda self: self[1])
+    known = property(lambda self: self[2])
+
+
+def heap_reading():
+    """glibc's heap now (Heap). mallinfo2 walks every free chunk (cheap on a tidy
+    heap, tens of milliseconds on a fragmented one); the mmapped blocks are found
+    in /proc/self/maps and their residency asked of mincore."""
     if _mallinfo2 is None:
+        return Heap(known=False)
+    info = _mallinfo2()
+    return Heap(free=info.fordblks, live=info.uordblks + info.hblkhd - unwritten_mmapped_bytes())
+
+
+_IS_MMAPPED = 0x2  # glibc's chunk flag: this block is a mapping of its own
+_SIZE_BITS = ~0x7
+
+
+def unwritten_mmapped_bytes():
+    """Bytes of glibc's mmapped blocks (those at or above the mmap threshold) that
+    are not in RAM: a tensor made with torch.empty and never (or not wholly)
+    written, such as a reduce bucket before the first backward. Each such block
+    is a mapping that starts with its chunk header (prev_size 0, then its length
+    with IS_MMAPPED set; an aligned block keeps that first header too), and
+    adjacent blocks share one entry of /proc/self/maps, so each entry is walked
+    header by header. An entry whose first page is not in RAM holds no header
+    (thread stacks, reserved arena space) and is not read at all."""
+    unwritten = 0
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+        mem = os.open("/proc/self/mem", os.O_RDONLY)
+    except OSError:
         return 0
-    return int(_mallinfo2().fordblks)
+    try:
+        for line in lines:
+            unwritten += _unwritten_in_mapping(mem, line)
+    finally:
+        os.close(mem)
+    return unwritten
+
+
+def _unwritten_in_mapping(mem, line):
+    """unwritten_mmapped_bytes of one /proc/self/maps line. Headers are read
+    through /proc/self/mem: another thread may unmap a block meanwhile, and a read
+    there is an error, not a crash."""
+    fields = line.split()
+    if len(fields) > 5 or fields[1] != "rw-p":
+        return 0  # named (files, [heap], [stack]) or not private writable memory
+    start, end = (int(x, 16) for x in fields[0].split("-"))
+    unwritten, address = 0, start
+    while end - address >= 2 * PAGE and resident_bytes(address, PAGE):  # a header is written memory
+        try:
+            header = os.pread(mem, 16, address)
+        except OSError:
+            break  # unmapped meanwhile
+        if len(header) < 16:
+            break
+        prev_size, size = int.from_bytes(header[:8], sys.byteorder), int.from_bytes(header[8:], sys.byteorder)
+        length = size & _SIZE_BITS
+        if prev_size != 0 or not size & _IS_MMAPPED or length % PAGE or not 0 < length <= end - address:
+            break  # not a glibc mmapped chunk
+        unwritten += length - resident_bytes(address, length)
+        address += length
+    return unwritten
+
+
+def heap_free_bytes():
+    """Bytes glibc's malloc arenas hold free (Heap.free); 0 where mallinfo2 is missing."""
+    return heap_reading().free
+
+
+def resident_bytes(address, nbytes):
+    """Bytes of the memory at [address, address + nbytes) that are in RAM
+    (mincore, page by page): a block malloc handed out but nobody wrote yet
+    takes no RAM."""
+    if nbytes <= 0:
+        return 0
+    start = address - address % PAGE
+    length = address + nbytes - start
+    pages = -(-length // PAGE)
+    vec = (ctypes.c_ubyte * pages)()
+    if _libc.mincore(ctypes.c_void_p(start), length, vec) != 0:
+        return nbytes  # cannot tell: count it all
+    return min(nbytes, (pages - bytes(vec).count(0)) * PAGE)
 
 
 def page_cache_bytes(paths):
@@ -189,12 +282,15 @@ class Budgeted:
         self.share = share
         self.value = 0
         self.next_at = 0.0
+        self.reads = 0
 
-    def get(self):
+    def get(self, fresh=False):
+        """The last value, read again if its budget allows it (or `fresh`)."""
         now = time.monotonic()
-        if now >= self.next_at:
+        if fresh or now >= self.next_at:
             started = time.thread_time()
             self.value = self.read()
+            self.reads += 1
             self.next_at = now + (time.thread_time() - started) / self.share
         return self.value
 
@@ -202,18 +298,24 @@ class Budgeted:
 class Sampler(threading.Thread):
     """Background thread emitting a `sample` event every `interval` seconds.
 
-    `attribute(rss, page_cache, heap_free)` is called on each tick and returns
+    `attribute(rss, page_cache, heap)` is called on each tick and returns
     the fields the probes own (per-component bytes, pinned reserved/used). The
     readings whose cost grows with the run (swap files' page-cache residency,
-    glibc's free heap) are refreshed within a CPU budget (Budgeted).
+    glibc's heap) are refreshed within a CPU budget (Budgeted); the heap is read
+    afresh whenever RSS reaches a new peak or has moved more than HEAP_DRIFT since
+    it was last read, so the peak sample's split is never stale and no sample's
+    split is off by more than that.
     """
+
+    HEAP_DRIFT = 16 << 20  # the sizing comparison's floor: a split good to it is good enough
 
     def __init__(self, writer, attribute, swap_files, interval=0.075):
         super().__init__(name="memlab-sampler", daemon=True)
         self.writer = writer
         self.attribute = attribute
         self.page_cache = Budgeted(lambda: page_cache_bytes(swap_files()))
-        self.heap_free = Budgeted(heap_free_bytes)
+        self.heap = Budgeted(heap_reading)
+        self.heap_rss = 0  # RSS when the heap was last read
         self.interval = interval
         self._stop_event = threading.Event()
         self._lock = threading.Lock()  # a sample is also taken from the training thread (a transient's record)
@@ -231,8 +333,13 @@ class Sampler(threading.Thread):
         page_cache = self.page_cache.get()
         self.ticks += 1
         rss = status["VmRSS"]
+        fresh = rss > self.peak_rss or abs(rss - self.heap_rss) > self.HEAP_DRIFT
+        reads = self.heap.reads
+        heap = self.heap.get(fresh=fresh)
+        if self.heap.reads != reads:
+            self.heap_rss = rss
         self.peak_rss = max(self.peak_rss, rss)
-        fields = self.attribute(rss, page_cache, self.heap_free.get())
+        fields = self.attribute(rss, page_cache, heap)
         return self.writer.emit(
             "sample",
             rss=rss,

@@ -8,7 +8,8 @@ of host memory passes):
 - parameter pool occupancy: `AsyncPartitionedParameterSwapper` buffer methods;
 - optimizer pool occupancy: `SwapBufferManager.__init__/allocate/free`;
 - bytes swapped: `swap_in_tensors` / `swap_out_tensors` in every swap_tensor module;
-- activations: autograd saved-tensor hooks, gathered parameters, reduce buckets.
+- what the engine builds beyond its buffers (`runtime`) and the tensors in
+  flight (`activations`): glibc's heap, read with the samples (see `attribute`).
 
 The owner (component) of an allocation is the DeepSpeed function on the call
 stack. State is read by the sampler thread, so every change holds `lock`.
@@ -21,7 +22,7 @@ import weakref
 
 from .. import components as C
 from ..ds_rules import page_round, pow2_round
-from ..telemetry import PAGE, PINNED_BACKENDS
+from ..telemetry import PAGE, PINNED_BACKENDS, heap_reading
 from . import patching
 from .patching import SUPPORTED_DEEPSPEED, UnsupportedDeepSpeed, check_version  # noqa: F401  (tests import them)
 from .patching import original as _require
@@ -38,6 +39,10 @@ OWNERS = {
     "Init._partition_param": C.SMALL_PARTITIONS,
     "AdaptiveParamPool._allocate": C.PARAM_POOL,  # memascend.pool=adaptive
 }
+# Allocation backends that are glibc malloc blocks (posix_memalign: torch's CPU
+# tensors, DeepSpeed's locked and native-pinned buffers); CUDA's pinned host
+# memory (cudaHostAlloc) is not.
+HEAP_BACKENDS = frozenset({"aio-mlock", "native-mlock", "pageable"})
 # Components whose `used` bytes are the pool's occupancy, not the request.
 POOLS = {C.PARAM_POOL: "param", C.OPTIMIZER_POOL: "optimizer"}
 SWAP_MODULES = ("utils", "partitioned_param_swapper", "optimizer_utils", "partitioned_optimizer_swapper",
@@ -82,16 +87,19 @@ class Probes:
         self.swap_by_kind = {}  # "in.param" -> bytes since the last step
         self.param_swappers = weakref.WeakSet()
         self.optimizer_managers = weakref.WeakSet()
-        self.saved = {}  # storage ptr -> [nbytes, refcount] of autograd saved tensors
-        self.saved_bytes = 0
-        self.extra_activations = []  # callables returning bytes (gathered params, buckets)
+        self.heap_owned = 0  # bytes of live allocations that are malloc blocks (all but CUDA's pinned ones)
         self.framework_bytes = None
+        self.runtime_bytes = None  # set when the engine is ready (engine_ready)
+        self.heap_at_ready = None  # heap bytes no component owned then: the runtime's share of the heap
+        self.heap_floor = None  # the least unowned heap since: what of it the runtime still holds
         self.hook_seconds = 0.0  # time spent in the occupancy hooks, measured
         self.sample_now = None  # the sampler's sample_once: called as a transient is recorded
         self._next_key = 0
 
     # -- allocations -----------------------------------------------------------
-    def record_alloc(self, component, requested, reserved, backend, key=None):
+    def record_alloc(self, component, requested, reserved, backend, key=None, sample=True):
+        """Record a live allocation. A transient one is sampled at once (`sample`
+        False: the caller records several and calls sample_transient after the last)."""
         with self.lock:
             if key is None:
                 key = f"a{self._next_key}"
@@ -102,17 +110,24 @@ class Probes:
                       "backend": backend}
             self.live[key] = fields
             self.component_bytes[component] += fields["reserved"]
+            if backend in HEAP_BACKENDS:
+                self.heap_owned += fields["reserved"]
             if backend in PINNED_BACKENDS:
                 self.pinned_reserved += fields["reserved"]
                 if component not in POOLS:
                     self.exact_used += fields["requested"]
             self._note_used()
         self.writer.emit("alloc", **fields)
-        if component in C.TRANSIENT and self.sample_now is not None:
-            started = time.perf_counter()
-            self.sample_now()  # while it is alive: it may be gone before the next tick
-            self.hook_seconds += time.perf_counter() - started
+        if component in C.TRANSIENT and sample:
+            self.sample_transient()
         return key
+
+    def sample_transient(self):
+        """A sample now, while a transient is alive: it may be gone before the next tick."""
+        if self.sample_now is not None:
+            started = time.perf_counter()
+            self.sample_now()
+            self.hook_seconds += time.perf_counter() - started
 
     def record_free(self, key):
         with self.lock:
@@ -120,6 +135,8 @@ class Probes:
             if fields is None:
                 return
             self.component_bytes[fields["component"]] -= fields["reserved"]
+            if fields["backend"] in HEAP_BACKENDS:
+                self.heap_owned -= fields["reserved"]
             if fields["backend"] in PINNED_BACKENDS:
                 self.pinned_reserved -= fields["reserved"]
                 if fields["component"] not in POOLS:
@@ -205,26 +222,56 @@ class Probes:
         return out
 
     # -- attribution (sampler thread) -----------------------------------------------
-    def activations_bytes(self):
-        total = self.saved_bytes
-        for measure in self.extra_activations:
-            try:
-                total += measure()
-            except Exception:
-                pass  # a structure changing under us: count it next tick
-        return total
+    def engine_ready(self, rss, heap):
+        """Called once deepspeed.initialize has returned and its buffers are recorded.
+        `runtime` is what building the model and engine left in RSS beyond the buffers
+        (DeepSpeed's and transformers' modules, aio handles, CPU Adam, ops loaded).
+        Its heap bytes are the floor above which every heap block no component owns
+        is a tensor in flight; what of them the build still frees later (a copy made
+        at init, dropped at the first step) lowers the floor at the end of a step,
+        and the runtime with it (step_ended)."""
+        with self.lock:
+            owned = self.heap_owned
+            inside = sum(v for k, v in self.component_bytes.items() if k not in C.OUTSIDE_RSS and k != C.OTHER)
+        self.runtime_bytes = max(0, rss - self.framework_bytes - inside - heap.free)
+        self.heap_at_ready = self.heap_floor = heap.live - owned
 
-    def attribute(self, rss, page_cache, heap_free):
-        """Per-component bytes for one sample; `other` is RSS minus the rest."""
+    def step_ended(self):
+        """From the training thread between steps, when no hook is half-way through a
+        record: the runtime's heap is never more than the unowned heap now."""
+        if self.heap_floor is None:
+            return
+        started = time.perf_counter()
+        heap = heap_reading()
+        if heap.known:
+            with self.lock:
+                self.heap_floor = min(self.heap_floor, heap.live - self.heap_owned)
+        self.hook_seconds += time.perf_counter() - started
+
+    def attribute(self, rss, page_cache, heap):
+        """Per-component bytes for one sample. The buffers are the probes' records.
+        `activations` (tensors in flight: what autograd saves, the logits, the
+        gradients on their way to the reduce bucket, the buckets, gathered
+        parameters) is glibc's live heap above the runtime's share of it, less what
+        the components own: on the CPU accelerator every such tensor is a malloc
+        block. `other` is RSS minus all of it. Until the engine
+        is ready, what the build holds beyond its buffers is `runtime`."""
         with self.lock:
             parts = dict(self.component_bytes)
             pinned_reserved, pinned_used = self.pinned_reserved, self.pinned_used()
+            owned = self.heap_owned
         parts[C.FRAMEWORK] = rss if self.framework_bytes is None else self.framework_bytes
-        parts[C.ACTIVATIONS] = self.activations_bytes()
-        parts[C.HEAP_FREE] = heap_free
+        parts[C.HEAP_FREE] = heap.free
         parts[C.PAGE_CACHE] = page_cache
+        parts[C.ACTIVATIONS] = parts[C.RUNTIME] = parts[C.OTHER] = 0
         inside = sum(v for k, v in parts.items() if k not in C.OUTSIDE_RSS and k != C.OTHER)
-        parts[C.OTHER] = max(0, rss - inside)
+        if self.runtime_bytes is None:
+            parts[C.RUNTIME] = max(0, rss - inside)
+        else:
+            if heap.known:
+                parts[C.ACTIVATIONS] = max(0, heap.live - owned - self.heap_floor)
+            parts[C.RUNTIME] = max(0, self.runtime_bytes - (self.heap_at_ready - self.heap_floor))
+            parts[C.OTHER] = max(0, rss - inside - parts[C.RUNTIME] - parts[C.ACTIVATIONS])
         fields = {"components": parts, "pinned_reserved": pinned_reserved, "pinned_used": pinned_used}
         fields.update(cuda_memory())  # CUDA only: GPU and torch-pinned bytes as PyTorch's allocators count them
         return fields
@@ -327,7 +374,6 @@ def install(probes):
     _hook_optimizer_pool(probes)
     _hook_swap_io(probes)
     _hook_flat_buffer_moves(probes)
-    _hook_saved_tensors(probes)
     _hook_first_step_adam_state(probes)
 
 
@@ -529,8 +575,10 @@ def _hook_first_step_adam_state(probes):
             for value in self.optimizer.state.get(fp32, {}).values():
                 if torch.is_tensor(value) and value.device.type == "cpu" and value.numel() > 1:
                     probes.record_alloc(component, value.nbytes, value.nbytes, "pageable",
-                                        key=f"p{value.untyped_storage().data_ptr()}")
+                                        key=f"p{value.untyped_storage().data_ptr()}", sample=False)
             probes.hook_seconds += time.perf_counter() - started
+            if component in C.TRANSIENT:
+                probes.sample_transient()  # both states recorded: one sample sees the pair
         return result
 
     patching.replace(zero_cls, "_optimizer_step", _optimizer_step)
@@ -551,42 +599,6 @@ def _hook_first_step_adam_state(probes):
             return result
 
         patching.replace(context_cls, name, dropped)
-
-
-def _hook_saved_tensors(probes):
-    """Count tensors autograd keeps for backward (activations), once per storage."""
-    import torch
-
-    def pack(tensor):
-        if isinstance(tensor, torch.nn.Parameter) or tensor.device.type != "cpu":
-            return tensor  # parameters are counted as gathered params; device memory is not host RAM
-        started = time.perf_counter()
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        with probes.lock:
-            entry = probes.saved.get(key)
-            if entry is None:
-                probes.saved[key] = [storage.nbytes(), 1]
-                probes.saved_bytes += storage.nbytes()
-            else:
-                entry[1] += 1
-        weakref.finalize(tensor, _release_saved, probes, key)
-        probes.hook_seconds += time.perf_counter() - started
-        return tensor
-
-    probes.saved_hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
-    probes.saved_hooks.__enter__()
-
-
-def _release_saved(probes, key):
-    with probes.lock:
-        entry = probes.saved.get(key)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] == 0:
-            probes.saved_bytes -= entry[0]
-            del probes.saved[key]
 
 
 def _after(cls, name, callback, probes=None):
@@ -626,23 +638,6 @@ def attribute_engine_buffers(probes, engine):
         probes.record_alloc(C.PARAM_CPU_FLAT, device_flat.nbytes, device_flat.nbytes, "pageable",
                             key=f"p{device_flat.data_ptr()}")
     _attribute_cpu_optimizer_state(probes, optimizer)
-
-    params = [p for p in engine.module.parameters() if hasattr(p, "ds_status")]
-
-    def gathered_params():
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-        # host memory only: on CUDA a gathered parameter lives on the GPU (on the CPU accelerator, in RAM)
-        return sum(p.ds_numel * p.element_size() for p in params
-                   if p.ds_status == ZeroParamStatus.AVAILABLE and not getattr(p, "ds_persist", False)
-                   and p.device.type == "cpu")
-
-    def reduce_buckets():
-        buckets = getattr(optimizer, "ipg_buckets", {}) or {}
-        return sum(b.buffer.nbytes for b in buckets.values() if getattr(b, "buffer", None) is not None
-                   and b.buffer.device.type == "cpu")
-
-    probes.extra_activations += [gathered_params, reduce_buckets]
 
 
 def _forget_moved_partitions(probes, params):

@@ -20,7 +20,7 @@ from .. import oplocks, protocol
 from ..ds_rules import cuda_present
 from ..protocol import REQUEST_FILE, SWAP_MARKER, events_file, no_space_left, remove_swap_folder
 from ..summary import summarize
-from ..telemetry import SCHEMA, EventWriter, Sampler
+from ..telemetry import SCHEMA, EventWriter, Sampler, heap_reading
 
 # Stop, Ctrl-C, `kill`: the run stops where it is and reports `stopped`.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -211,8 +211,8 @@ class Worker:
         if not self.knobs["run.telemetry"]:
             return  # step events only: the baseline of the overhead benchmark
 
-        def attribute(rss, page_cache, heap_free):
-            fields = self.probes.attribute(rss, page_cache, heap_free)
+        def attribute(rss, page_cache, heap):
+            fields = self.probes.attribute(rss, page_cache, heap)
             for pool in self.probes.pool_events():
                 self.writer.emit("pool", **pool)
             fields["phase"] = self.phase
@@ -306,6 +306,8 @@ class Worker:
                                                       config=ds_config)
         if k["run.telemetry"]:
             probe_hooks.attribute_engine_buffers(self.probes, engine)
+            self.probes.engine_ready(_rss(), heap_reading())
+            self.sampler.sample_once()  # the runtime, as the engine stands ready
         self.probes.take_step_counters()  # init I/O is not a training step's
         batches = self._batches(torch, spec)
         self.check_stop()
@@ -326,6 +328,8 @@ class Worker:
             if k["allocator.malloc_trim"] == "each_step":
                 _malloc_trim()
             seconds = time.perf_counter() - started
+            if k["run.telemetry"]:
+                self.probes.step_ended()
             counters = self.probes.take_step_counters()
             # CPU seconds of every thread of the worker (sampler included): the
             # cost of work, steadier than wall time on a shared machine

@@ -17,7 +17,7 @@ def by_component(buffers, only=None):
     return out
 
 
-def _phase(buffers, heap_free, activations=0, transients=0, extra_other=0, state=0, checkpoints=0):
+def _phase(buffers, heap_free, activations=0, transients=0, runtime=RUNTIME_BYTES, state=0, checkpoints=0):
     out = dict(buffers)
     out[C.OFFLOADED_CHECKPOINTS] += int(checkpoints)
     out[C.FRAMEWORK] = FRAMEWORK_BYTES
@@ -25,16 +25,18 @@ def _phase(buffers, heap_free, activations=0, transients=0, extra_other=0, state
     out[C.OPTIMIZER_TRANSIENTS] += int(transients)
     out[C.OPTIMIZER_STATE] += int(state)
     out[C.HEAP_FREE] = heap_free
-    out[C.OTHER] = int(RUNTIME_BYTES + extra_other)
+    out[C.RUNTIME] = int(runtime)
+    out[C.OTHER] = 0  # the probes attribute every byte; what they cannot see is `hidden` below
     return out
 
 
 def phases(layout, buffers, acts, transients, heap, bucket, adam_state, offloaded):
     """Host bytes per component in each phase, the bytes of each the probes cannot see (optimizer
-    transients they attribute to `other`: fp16's overflow temporaries), and the peak phase. `buffers`: those allocated at init.
-    model_init holds the parameter pool and the small partitions (partition_parameters.Init) and twice
-    the largest tensor; engine_init every init buffer and 4 bytes x the largest sub-group (coarse init
-    transients, docs/SIZING.md). Device-side tensors are host memory only on the CPU accelerator."""
+    transients they attribute to `activations`: fp16's overflow temporaries, heap blocks no hook records), and
+    the peak phase. `buffers`: those allocated at init. model_init holds the parameter pool and the small
+    partitions (partition_parameters.Init), and its runtime twice the largest tensor; engine_init every init
+    buffer, and its runtime the engine's plus 4 bytes x the largest sub-group (coarse init transients,
+    docs/SIZING.md). Device-side tensors are host memory only on the CPU accelerator."""
     persistent = by_component(buffers)
     model_init = by_component(buffers, only=(C.PARAM_POOL, C.SMALL_PARTITIONS))
     device = 0 if layout.cuda else 1
@@ -47,8 +49,8 @@ def phases(layout, buffers, acts, transients, heap, bucket, adam_state, offloade
     lingering, first = transients.lingering, transients.first_step + transients.overflow
     steady = transients.overflow + lingering
     out = {
-        "model_init": _phase(model_init, heap.static, extra_other=2 * max(layout.full) * layout.element - RUNTIME_BYTES),
-        "engine_init": _phase(persistent, heap.static, extra_other=FP32 * max(layout.group_sizes)),
+        "model_init": _phase(model_init, heap.static, runtime=2 * max(layout.full) * layout.element),
+        "engine_init": _phase(persistent, heap.static, runtime=RUNTIME_BYTES + FP32 * max(layout.group_sizes)),
         "forward": _phase(persistent, heap.live, device * (bucket + forward + gathered_host), state=adam_state,
                           checkpoints=offloaded, transients=lingering),
         "backward": _phase(persistent, heap.live, device * (bucket + backward + gathered_host), state=adam_state,
@@ -57,7 +59,7 @@ def phases(layout, buffers, acts, transients, heap, bucket, adam_state, offloade
         "optimizer_step": _phase(persistent, heap.after, device * bucket, transients=steady, state=adam_state),
     }
     # the probes see CPU Adam's first-step state (and the pipelined swapper's lingering copy of it); fp16's
-    # overflow temporaries (CUDA only) they do not
+    # overflow temporaries (CUDA only) they count as tensors in flight
     hidden = {"forward": 0, "backward": 0, "optimizer_step_first": transients.overflow,
               "optimizer_step": transients.overflow}
     return out, hidden, max(PHASES, key=lambda p: _rss(out[p]))

@@ -119,16 +119,25 @@ class Estimate:
 
     # -- the probes' view -------------------------------------------------------------------
     def as_probed(self):
-        """Per phase, components as the probes attribute them: transients they
-        cannot see (fp16's overflow temporaries) go to `other`. RSS is unchanged."""
+        """Per phase, components as the probes attribute them: transients no hook
+        records (fp16's overflow temporaries) are heap blocks in flight, `activations`
+        to the probes. RSS is unchanged."""
         out = {}
         for phase, parts in self.phases.items():
             parts = dict(parts)
             hidden = self.probe_hidden.get(phase, 0)
             parts[C.OPTIMIZER_TRANSIENTS] -= hidden
-            parts[C.OTHER] += hidden
+            parts[C.ACTIVATIONS] += hidden
             out[phase] = parts
         return out
+
+    def probed_at(self, phase, step=None):
+        """Components as the probes attribute them in the phase a run's sample names (its
+        `phase` and `step`, as in the summary's `peak_phase` / `peak_step`): step 1's optimizer
+        step is `optimizer_step_first`; other phases are the same at every step."""
+        if phase == "optimizer_step" and step == 1:
+            phase = "optimizer_step_first"
+        return self.as_probed()[phase]
 
     @property
     def probed_peak_engine_host_bytes(self):

@@ -17,8 +17,8 @@ GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
 
 # --- calibrated on this machine (2 cores, torch 2.13 CPU, DeepSpeed 0.19.8, transformers 5.x);
 # docs/SIZING.md ("Calibrated terms") says on which runs.
-FRAMEWORK_BYTES = 412 * MiB  # the worker's RSS before the model is built: interpreter, torch, deepspeed, transformers, ops, gloo
-RUNTIME_BYTES = 90 * MiB  # what the engine holds beyond its buffers after initialize (aio threads, CPU Adam, graphs)
+FRAMEWORK_BYTES = 396 * MiB  # the worker's RSS before the model is built: interpreter, torch, deepspeed, transformers, ops, gloo
+RUNTIME_BYTES = 58 * MiB  # `runtime` once the engine is ready: modules, ops, aio handles, CPU Adam (docs/SIZING.md)
 # glibc arenas' free bytes (heap_free): tensors below 32 MiB come from the heap, and what is freed there stays
 # as free chunks. Fitted by least squares on 30 runs (docs/SIZING.md): a floor, plus these multiples of the
 # heap-sized bytes of ...

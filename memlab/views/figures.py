@@ -26,6 +26,7 @@ TEMPLATE = "plotly_white"
 # purples: activations; red: heap fragmentation; greys: not the engine's.
 COMPONENT_COLORS = {
     C.FRAMEWORK: "#7f7f7f",
+    C.RUNTIME: "#a5a5a5",
     C.PARAM_POOL: "#1f77b4",
     C.PARAM_PARTITION_BUFFER: "#aec7e8",
     C.PARAM_CPU_FLAT: "#17becf",

@@ -30,8 +30,11 @@ FIELDS = (
     ("peak_pinned_reserved_bytes", "highest bytes reserved in pinned and locked buffers"),
     ("peak_pinned_used_bytes", "highest bytes in use inside those buffers"),
     ("fragmentation_at_peak", "share of pinned bytes reserved but unused when the reservation peaked"),
-    ("peak_engine_host_bytes", "peak host memory of the offload engine itself (all but framework, activations, other)"),
+    ("peak_engine_host_bytes",
+     "peak host memory of the offload engine itself (all but framework, runtime, activations, other)"),
     ("components_at_peak", "host memory per component at the moment of peak RSS"),
+    ("peak_phase", "the phase of the step in which RSS peaked"),
+    ("peak_step", "the step in which RSS peaked"),
     ("step_time_median_s", "median wall time of one training step"),
     ("losses", "training loss of each step"),
     ("swap_read_bytes_per_step", "bytes read from the NVMe swap files per step (mean)"),
@@ -42,8 +45,8 @@ FIELDS = (
     ("nodes", "each node's peak RSS, summed over its ranks (multi-rank runs)"),
 )
 MEANINGS = dict(FIELDS)
-# fields a summary may lack: multi-rank ones, and from_auto (runs recorded before it existed)
-OPTIONAL_FIELDS = ("from_auto", "ranks", "peak_rss_rank", "nodes")
+# fields a summary may lack: multi-rank ones, and those runs recorded before them lack
+OPTIONAL_FIELDS = ("from_auto", "ranks", "peak_rss_rank", "nodes", "peak_phase", "peak_step")
 
 
 # ------------------------------------------------------------------ values

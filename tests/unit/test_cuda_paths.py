@@ -9,8 +9,8 @@ torch.cuda's allocator statistics, and tensors' devices. What is checked:
 - the probes on CUDA: a PyTorch-pinned buffer is attributed a power of two, a
   natively pinned one its page-rounded bytes, as memlab.sizing models them;
   the owner on the stack names the component; GPU and torch-pinned figures
-  join samples and steps only where CUDA is initialized; parameters gathered
-  on the GPU are not host activations;
+  join samples and steps only where CUDA is initialized; CUDA's pinned host
+  memory (not a malloc block) is not taken out of the heap's tensors in flight;
 - sizing on CUDA: GPU figures present and positive (--gpus 1 --gpu-mem 80,
   through the command line too), pinned buffers power-of-two sized with the
   torch backend and page-sized with the native one, activations off the host;
@@ -33,7 +33,7 @@ from memlab import components as C
 from memlab.engine import probes as P
 from memlab.runs import summarize, write_summary
 from memlab.sizing import GiB, MiB, PAGE_BYTES, Hardware, estimate, page_round, pow2_round
-from memlab.telemetry import PINNED_BACKENDS, EventWriter
+from memlab.telemetry import PINNED_BACKENDS, EventWriter, Heap
 
 CUDA_80 = Hardware(gpus=1, gpu_bytes=80 * GiB, accelerator="cuda")
 
@@ -155,7 +155,7 @@ def test_torch_backend_on_cuda_records_the_power_of_two_for_its_owner(fake_cuda_
     assert record == {"id": f"p{out.data_ptr()}", "component": C.GRAD_FLAT, "requested": requested,
                       "reserved": 2 * MiB, "backend": "torch-pinned"}
     assert probes.pinned_reserved == 2 * MiB and probes.pinned_used() == requested
-    fields = probes.attribute(rss=1 << 30, page_cache=0, heap_free=0)
+    fields = probes.attribute(rss=1 << 30, page_cache=0, heap=Heap())
     assert fields["components"][C.GRAD_FLAT] == 2 * MiB and fields["pinned_reserved"] == 2 * MiB
     assert probes.writer.events[-1]["kind"] == "alloc" and probes.writer.events[-1]["backend"] == "torch-pinned"
 
@@ -182,18 +182,18 @@ def test_a_pin_outside_any_owner_is_other(fake_cuda_deepspeed, monkeypatch):
     assert (record["component"], record["reserved"]) == (C.OTHER, 8192)
 
 
-def test_parameters_gathered_on_the_gpu_are_not_host_activations(fake_cuda_deepspeed):
-    probes = fake_cuda_deepspeed[0]
-
-    def param(device, numel, status=ZeroParamStatus.AVAILABLE):
-        return types.SimpleNamespace(ds_status=status, ds_numel=numel, element_size=lambda: 2, ds_persist=False,
-                                     device=types.SimpleNamespace(type=device))
-
-    params = [param("cuda", 1000), param("cuda", 2000), param("cpu", 300), param("cpu", 50, ZeroParamStatus.NOT_AVAILABLE)]
-    engine = types.SimpleNamespace(module=types.SimpleNamespace(parameters=lambda: params),
-                                   optimizer=types.SimpleNamespace(optimizer_swapper=object(), ipg_buckets={}))
-    P.attribute_engine_buffers(probes, engine)
-    assert probes.activations_bytes() == 300 * 2  # only the gathered parameter that lives in host RAM
+def test_cuda_pinned_memory_is_not_taken_out_of_the_heap(fake_cuda_deepspeed, monkeypatch):
+    """A torch-pinned buffer (cudaHostAlloc) is not a malloc block: the heap's
+    growth after the engine is ready is all tensors in flight, and the pinned
+    buffer is its own component beside them."""
+    monkeypatch.setenv("DS_PIN_MEMORY_BACKEND", "torch")
+    probes, accelerator, _ = fake_cuda_deepspeed
+    probes.framework_bytes = 100 * MiB
+    probes.engine_ready(rss=100 * MiB, heap=Heap(free=0, live=40 * MiB))
+    DeepSpeedZeroOptimizer_Stage3()._setup_for_real_optimizer(accelerator, torch.zeros(3 << 19, dtype=torch.uint8))
+    parts = probes.attribute(rss=200 * MiB, page_cache=0, heap=Heap(free=0, live=70 * MiB))["components"]
+    assert parts[C.GRAD_FLAT] == 2 * MiB and parts[C.ACTIVATIONS] == 30 * MiB
+    assert parts[C.OTHER] == 200 * MiB - 100 * MiB - 2 * MiB - 30 * MiB
 
 
 # ------------------------------------------------------------------ GPU and torch-pinned figures in samples and steps
@@ -250,13 +250,13 @@ def fake_torch_cuda(monkeypatch):
 
 def test_samples_and_steps_carry_gpu_figures_where_cuda_is_initialized(fake_torch_cuda):
     probes = P.Probes(Writer())
-    fields = probes.attribute(rss=1 << 30, page_cache=0, heap_free=0)
+    fields = probes.attribute(rss=1 << 30, page_cache=0, heap=Heap())
     assert fields["gpu_allocated"] == 3 * GiB and fields["gpu_reserved"] == 4 * GiB
     assert (fields["torch_pinned_reserved"], fields["torch_pinned_active"]) == (6 * MiB, 4 * MiB)
     counters = probes.take_step_counters()
     assert (counters["gpu_peak_allocated"], counters["gpu_peak_reserved"]) == (5 * GiB, 6 * GiB)
     assert fake_torch_cuda.resets == 1  # the next step's peak is its own
-    probes.attribute(rss=1 << 30, page_cache=0, heap_free=0)
+    probes.attribute(rss=1 << 30, page_cache=0, heap=Heap())
     assert fake_torch_cuda.asked == [0, 1]  # this rank's device (LOCAL_RANK 0), then the training thread's
 
 
@@ -271,7 +271,7 @@ def test_samples_before_the_first_step_report_the_local_ranks_device(fake_torch_
 def test_no_gpu_figures_where_cuda_is_not_initialized(fake_torch_cuda):
     fake_torch_cuda.initialized = False
     probes = P.Probes(Writer())
-    assert set(probes.attribute(rss=1 << 30, page_cache=0, heap_free=0)) == {"components", "pinned_reserved",
+    assert set(probes.attribute(rss=1 << 30, page_cache=0, heap=Heap())) == {"components", "pinned_reserved",
                                                                              "pinned_used"}
     assert not any(k.startswith("gpu_") for k in probes.take_step_counters())
     assert fake_torch_cuda.resets == 0

@@ -2,7 +2,9 @@
 
 No DeepSpeed, no torch: the sampler is driven with a stub attribution callback.
 """
+import ctypes
 import json
+import mmap
 import os
 import threading
 import time
@@ -255,6 +257,65 @@ def test_heap_free_bytes_rises_when_holes_are_left_in_the_heap():
 def test_heap_free_bytes_without_mallinfo2_is_zero(monkeypatch):
     monkeypatch.setattr(T, "_mallinfo2", None)
     assert heap_free_bytes() == 0
+
+
+@pytest.mark.skipif(T._mallinfo2 is None, reason="glibc without mallinfo2")
+def test_the_heaps_live_bytes_count_a_block_as_its_pages_are_written():
+    # 64 MiB is far above glibc's mmap threshold: a mapping of its own, in RAM page by page as it is written
+    import torch
+
+    before = T.heap_reading().live
+    block = torch.empty(16 << 20)  # 64 MiB, never written
+    unwritten = T.heap_reading().live - before
+    block[: 4 << 20] = 1.0  # the first 16 MiB
+    written = T.heap_reading().live - before
+    assert unwritten < 1 << 20
+    assert 16 << 20 <= written < 17 << 20
+    assert T.unwritten_mmapped_bytes() >= 48 << 20
+    del block
+
+
+def test_the_heap_without_mallinfo2_is_unknown(monkeypatch):
+    monkeypatch.setattr(T, "_mallinfo2", None)
+    assert T.heap_reading() == T.Heap(known=False) and not T.heap_reading().known
+
+
+def test_a_mapping_that_is_no_malloc_block_is_not_read_as_one():
+    # an anonymous mapping of our own, written, with no chunk header: walked over, counted 0
+    region = mmap.mmap(-1, 8 * PAGE)
+    region.write(b"\xff" * (8 * PAGE))
+    address = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    line = f"{address:x}-{address + 8 * PAGE:x} rw-p 00000000 00:00 0"
+    mem = os.open("/proc/self/mem", os.O_RDONLY)
+    try:
+        assert T._unwritten_in_mapping(mem, line) == 0
+    finally:
+        os.close(mem)
+
+
+def test_probes_split_the_heap_into_runtime_and_tensors_in_flight(tmp_path, monkeypatch):
+    """Until the engine is ready, what the build holds beyond its buffers is runtime; after,
+    heap growth no component owns is activations, and a step's end lowers the runtime by
+    what the build freed since (the least unowned heap then)."""
+    from memlab import components as C
+    from memlab.engine.probes import Probes
+
+    MiB = 1 << 20
+    probes = Probes(EventWriter(tmp_path / "events.jsonl"))
+    probes.framework_bytes = 400 * MiB
+    probes.record_alloc(C.OPTIMIZER_POOL, 100 * MiB, 100 * MiB, "aio-mlock")
+    building = probes.attribute(600 * MiB, 0, T.Heap(free=5 * MiB, live=300 * MiB))["components"]
+    assert building[C.RUNTIME] == 95 * MiB and building[C.OTHER] == 0 and building[C.ACTIVATIONS] == 0
+    probes.engine_ready(560 * MiB, T.Heap(free=5 * MiB, live=260 * MiB))  # runtime 55 MiB, 160 MiB of it heap
+    step = probes.attribute(640 * MiB, 0, T.Heap(free=5 * MiB, live=340 * MiB))["components"]
+    assert (step[C.RUNTIME], step[C.ACTIVATIONS], step[C.OTHER]) == (55 * MiB, 80 * MiB, 0)
+    import memlab.engine.probes as P
+
+    monkeypatch.setattr(P, "heap_reading", lambda: T.Heap(free=5 * MiB, live=230 * MiB))  # a 30 MiB copy dropped
+    probes.step_ended()
+    later = probes.attribute(560 * MiB, 0, T.Heap(free=5 * MiB, live=260 * MiB))["components"]
+    assert (later[C.RUNTIME], later[C.ACTIVATIONS]) == (25 * MiB, 30 * MiB)
+    assert later[C.OTHER] == 0
 
 
 # ------------------------------------------------------------------ page cache
