@@ -223,6 +223,23 @@ def pow2_round(nbytes):
 NVIDIA_DRIVER_FILE = "/proc/driver/nvidia/version"
 
 
+CPU_FP16_FLAGS = ("avx512_fp16", "amx_fp16")
+
+
+def cpu_fp16_supported(cpuinfo="/proc/cpuinfo"):
+    """Would DeepSpeed's CPU accelerator train in fp16 here? Its is_fp16_supported is
+    torch.ops.mkldnn._is_mkldnn_fp16_supported(): oneDNN's fp16 kernels, which need a
+    CPU with AVX512-FP16 or AMX-FP16. Read from the CPU's flags, without importing torch."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return any(flag in line.split() for flag in CPU_FP16_FLAGS)
+    except OSError:
+        pass
+    return False
+
+
 def cuda_present():
     """Would DeepSpeed pick its CUDA accelerator here? deepspeed/accelerator/
     real_accelerator.py get_accelerator chooses "cuda" where torch.cuda has a

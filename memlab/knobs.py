@@ -20,7 +20,8 @@ from typing import Any, Optional, Tuple
 
 from .ds_rules import (DTYPE_BYTES, FP32, aligned_numel, largest_module_group, largest_sub_group, staging_plan,
                        swappable)
-from .ds_rules import cuda_present as _cuda_present  # a module global, so that tests can replace it
+from .ds_rules import cpu_fp16_supported as _cpu_fp16_supported  # module globals, so that tests can replace them
+from .ds_rules import cuda_present as _cuda_present
 from .errors import KnobError
 from .optimizations import OPTIMIZATIONS
 
@@ -143,6 +144,12 @@ SPECS = [
        optional=True),
     _k("run.budget", None, "bytes", "host memory the worker may use ('6GiB'); over it the run ends over_budget",
        optional=True),
+    _k("run.save_checkpoint_at", 0, "int", "save a DeepSpeed checkpoint (engine.save_checkpoint) after this step "
+       "into run.checkpoint_dir; 0 = never", minimum=0),
+    _k("run.checkpoint_dir", None, "path", "where run.save_checkpoint_at saves (default <run folder>/checkpoint)",
+       optional=True),
+    _k("run.resume_from", None, "path", "a DeepSpeed checkpoint folder (one holding 'latest') to load before "
+       "training: the run continues its steps, batches and optimizer state", optional=True),
     _k("run.telemetry", True, "bool", "probes and sampler on (off only to measure their overhead)"),
     _k("run.sample_hz", 13.0, "float", "sampler frequency", minimum=1.0, maximum=50.0),
     # --- memascend settings that are not on/off switches
@@ -747,6 +754,18 @@ def _risk_pipelined_buffers(r):
     return None
 
 
+def _risk_resume_swapped_params_cpu_optimizer(r):
+    if r["run.resume_from"] and r["zero_optimization.offload_optimizer.device"] == "cpu" and r.real_param_swapping:
+        # stage3 _rigid_load_state_dict copies each fp32 partition into its sub-group's fp16 flat buffer, which
+        # swapped parameters do not have; measured with the stock engine (no memascend switch) on a Qwen2 shape
+        return Risk("run.resume_from", r["run.resume_from"],
+                    "DeepSpeed 0.19.8 cannot load a checkpoint with the optimizer on the CPU while parameters are "
+                    "swapped to NVMe (stage3 _rigid_load_state_dict: 'NoneType' object has no attribute 'data'); "
+                    "raise offload_param.max_in_cpu to hold every parameter, or keep the optimizer on NVMe",
+                    "'NoneType' object has no attribute 'data'")
+    return None
+
+
 def _check_optimizer_buffers(r):
     if r["zero_optimization.offload_optimizer.device"] != "nvme":
         return
@@ -796,8 +815,20 @@ def _cuda(r):
 
 
 def _check_dtype(r):
-    if r["run.dtype"] == "fp16" and not _cuda(r):
-        raise KnobError("run.dtype", "fp16", "fp16 training needs a GPU; on the CPU accelerator use fp32 or bf16")
+    # DeepSpeed's CPU accelerator refuses fp16 ('Type fp16 is not supported on your device') unless oneDNN
+    # has fp16 kernels for this CPU
+    if r["run.dtype"] == "fp16" and not _cuda(r) and not _cpu_fp16_supported():
+        raise KnobError("run.dtype", "fp16", "fp16 training needs a GPU or a CPU with AVX512-FP16 or AMX-FP16 "
+                        "(this one has neither); on the CPU accelerator use fp32 or bf16")
+
+
+def _check_checkpoints(r):
+    if r["run.save_checkpoint_at"] > r["run.steps"]:
+        raise KnobError("run.save_checkpoint_at", r["run.save_checkpoint_at"],
+                        f"after the last step: run.steps is {r['run.steps']}")
+    folder = r["run.resume_from"]
+    if folder is not None and not os.path.isfile(os.path.join(folder, "latest")):
+        raise KnobError("run.resume_from", folder, "not a DeepSpeed checkpoint folder (it has no 'latest' file)")
 
 
 def _check_gds(r):
@@ -807,5 +838,6 @@ def _check_gds(r):
 
 # Checks of DeepSpeed's own knobs, then those each optimization adds (its record's).
 CHECKS = [_check_param_buffer_size, _check_optimizer_buffers, _check_param_buffer_count, _check_fast_init,
-          _check_dtype, _check_gds] + [check for o in OPTIMIZATIONS for check in o.checks]
-RISKS = [_risk_live_parameters, _risk_reuse_distance, _risk_pipelined_buffers]
+          _check_dtype, _check_gds, _check_checkpoints] + [check for o in OPTIMIZATIONS for check in o.checks]
+RISKS = [_risk_live_parameters, _risk_reuse_distance, _risk_pipelined_buffers,
+         _risk_resume_swapped_params_cpu_optimizer]

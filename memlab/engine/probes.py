@@ -22,7 +22,7 @@ import weakref
 
 from .. import components as C
 from ..ds_rules import page_round, pow2_round
-from ..telemetry import PAGE, PINNED_BACKENDS, heap_reading
+from ..telemetry import PAGE, PINNED_BACKENDS, heap_reading, read_status
 from . import patching
 from .patching import SUPPORTED_DEEPSPEED, UnsupportedDeepSpeed, check_version  # noqa: F401  (tests import them)
 from .patching import original as _require
@@ -90,8 +90,7 @@ class Probes:
         self.heap_owned = 0  # bytes of live allocations that are malloc blocks (all but CUDA's pinned ones)
         self.framework_bytes = None
         self.runtime_bytes = None  # set when the engine is ready (engine_ready)
-        self.heap_at_ready = None  # heap bytes no component owned then: the runtime's share of the heap
-        self.heap_floor = None  # the least unowned heap since: what of it the runtime still holds
+        self.heap_floor = None  # unowned heap bytes when the engine was ready, lowered as the build's are freed
         self.hook_seconds = 0.0  # time spent in the occupancy hooks, measured
         self.sample_now = None  # the sampler's sample_once: called as a transient is recorded
         self._next_key = 0
@@ -226,26 +225,33 @@ class Probes:
         """Called once deepspeed.initialize has returned and its buffers are recorded.
         `runtime` is what building the model and engine left in RSS beyond the buffers
         (DeepSpeed's and transformers' modules, aio handles, CPU Adam, ops loaded).
-        Its heap bytes are the floor above which every heap block no component owns
-        is a tensor in flight; what of them the build still frees later (a copy made
-        at init, dropped at the first step) lowers the floor at the end of a step,
-        and the runtime with it (step_ended)."""
+        The unowned heap bytes then are the floor above which every heap block no
+        component owns is a tensor in flight; what of them the build still frees
+        later (a copy made at init, dropped at the first step) lowers the floor at
+        the end of a step (step_ended)."""
         with self.lock:
             owned = self.heap_owned
             inside = sum(v for k, v in self.component_bytes.items() if k not in C.OUTSIDE_RSS and k != C.OTHER)
         self.runtime_bytes = max(0, rss - self.framework_bytes - inside - heap.free)
-        self.heap_at_ready = self.heap_floor = heap.live - owned
+        self.heap_floor = heap.live - owned
 
     def step_ended(self):
         """From the training thread between steps, when no hook is half-way through a
-        record: the runtime's heap is never more than the unowned heap now."""
+        record: the runtime's heap is never more than the unowned heap now, and the
+        runtime never more than what RSS leaves for it beside the tensors in flight
+        (what the build frees may have been resident, or blocks it never wrote)."""
         if self.heap_floor is None:
             return
         started = time.perf_counter()
-        heap = heap_reading()
+        heap, rss = heap_reading(), read_status()["VmRSS"]
         if heap.known:
             with self.lock:
-                self.heap_floor = min(self.heap_floor, heap.live - self.heap_owned)
+                owned = self.heap_owned
+                inside = sum(v for k, v in self.component_bytes.items() if k not in C.OUTSIDE_RSS and k != C.OTHER)
+                self.heap_floor = min(self.heap_floor, heap.live - owned)
+                in_flight = max(0, heap.live - owned - self.heap_floor)
+                room = rss - self.framework_bytes - inside - heap.free - in_flight
+                self.runtime_bytes = max(0, min(self.runtime_bytes, room))
         self.hook_seconds += time.perf_counter() - started
 
     def attribute(self, rss, page_cache, heap):
@@ -270,7 +276,7 @@ class Probes:
         else:
             if heap.known:
                 parts[C.ACTIVATIONS] = max(0, heap.live - owned - self.heap_floor)
-            parts[C.RUNTIME] = max(0, self.runtime_bytes - (self.heap_at_ready - self.heap_floor))
+            parts[C.RUNTIME] = self.runtime_bytes
             parts[C.OTHER] = max(0, rss - inside - parts[C.RUNTIME] - parts[C.ACTIVATIONS])
         fields = {"components": parts, "pinned_reserved": pinned_reserved, "pinned_used": pinned_used}
         fields.update(cuda_memory())  # CUDA only: GPU and torch-pinned bytes as PyTorch's allocators count them

@@ -18,6 +18,7 @@ from importlib import metadata
 
 from .. import oplocks, protocol
 from ..ds_rules import cuda_present
+from ..errors import RunError
 from ..protocol import REQUEST_FILE, SWAP_MARKER, events_file, no_space_left, remove_swap_folder
 from ..summary import summarize
 from ..telemetry import SCHEMA, EventWriter, Sampler, heap_reading
@@ -308,8 +309,11 @@ class Worker:
             probe_hooks.attribute_engine_buffers(self.probes, engine)
             self.probes.engine_ready(_rss(), heap_reading())
             self.sampler.sample_once()  # the runtime, as the engine stands ready
+        resumed = self._resume(engine)
         self.probes.take_step_counters()  # init I/O is not a training step's
         batches = self._batches(torch, spec)
+        for _ in range(resumed):  # the batches the checkpointed run already trained on
+            next(batches)
         self.check_stop()
 
         for index in range(k["run.steps"]):
@@ -343,8 +347,28 @@ class Worker:
             self.writer.emit("step", index=self.step_index, seconds=round(seconds, 6), loss=value, **counters)
             print(f"memlab: rank {self.rank} step {self.step_index}/{k['run.steps']} loss {value:.4f} "
                   f"{seconds:.2f}s", file=sys.stderr, flush=True)
+            if self.step_index == k["run.save_checkpoint_at"]:
+                self._save_checkpoint(engine)
             self.check_stop()
         self.enter_phase("done")
+
+    def _resume(self, engine):
+        """run.resume_from: DeepSpeed's load_checkpoint; the steps the checkpoint holds."""
+        folder = self.knobs["run.resume_from"]
+        if folder is None:
+            return 0
+        self.enter_phase("checkpoint_load")
+        path, _ = engine.load_checkpoint(folder)
+        if path is None:
+            raise RunError(f"run.resume_from {folder}: DeepSpeed found no checkpoint to load there")
+        self.writer.emit("log", message=f"resumed from {path} at step {engine.global_steps}")
+        return engine.global_steps
+
+    def _save_checkpoint(self, engine):
+        folder = self.knobs["run.checkpoint_dir"] or os.path.join(os.path.dirname(self.writer.path), "checkpoint")
+        self.enter_phase("checkpoint_save")
+        engine.save_checkpoint(folder)
+        self.writer.emit("log", message=f"checkpoint saved to {folder} (step {engine.global_steps})")
 
     def _batches(self, torch, spec):
         """Token batches: the user's texts or token ids, else seeded random tokens."""

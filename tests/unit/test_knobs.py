@@ -77,6 +77,9 @@ EXPECTED_DEFAULTS = {
     "run.ranks": 1,
     "run.hostfile": None,
     "run.budget": None,
+    "run.save_checkpoint_at": 0,
+    "run.checkpoint_dir": None,
+    "run.resume_from": None,
     "run.telemetry": True,
     "run.sample_hz": 13.0,
     "memascend.staging_elements": "auto",
@@ -601,9 +604,26 @@ def test_param_buffer_count_accepted(values):
     Knobs(values).resolve(ModelSpec.resolve(QWEN2_BIASES))
 
 
-def test_fp16_without_cuda_is_rejected(no_cuda):
+def test_fp16_without_cuda_is_rejected_on_a_cpu_without_fp16_kernels(no_cuda, monkeypatch):
+    monkeypatch.setattr(K, "_cpu_fp16_supported", lambda: False)
     err = knob_error({"run.dtype": "fp16"})
-    assert str(err) == "run.dtype='fp16': fp16 training needs a GPU; on the CPU accelerator use fp32 or bf16"
+    assert str(err) == ("run.dtype='fp16': fp16 training needs a GPU or a CPU with AVX512-FP16 or AMX-FP16 "
+                        "(this one has neither); on the CPU accelerator use fp32 or bf16")
+
+
+def test_fp16_on_a_cpu_with_fp16_kernels_is_accepted(no_cuda, monkeypatch):
+    monkeypatch.setattr(K, "_cpu_fp16_supported", lambda: True)
+    assert Knobs({"run.dtype": "fp16"}).resolve(ModelSpec.resolve("tiny-llama"))["run.dtype"] == "fp16"
+
+
+def test_cpu_fp16_support_is_read_from_the_cpu_flags(tmp_path):
+    from memlab.ds_rules import cpu_fp16_supported
+
+    with_fp16, without = tmp_path / "with", tmp_path / "without"
+    with_fp16.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_fp16 amx_bf16\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_bf16\n")
+    assert cpu_fp16_supported(str(with_fp16)) and not cpu_fp16_supported(str(without))
+    assert not cpu_fp16_supported(str(tmp_path / "missing"))
 
 
 def test_fp16_with_cuda_and_bf16_without_are_accepted(monkeypatch):
@@ -996,3 +1016,19 @@ def test_set_takes_deepspeeds_own_top_level_names(capsys):
     assert main(["estimate", "--set", "train_micro_batch_size_per_gpu=3", "--set", "gradient_accumulation_steps=4",
                  "--set", "gradient_clipping=0.5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["knobs"]["run.micro_batch"] == 3
+
+
+def test_checkpoint_knobs_are_checked_before_the_run(tmp_path):
+    with pytest.raises(KnobError, match="after the last step: run.steps is 3"):
+        Knobs({"run.save_checkpoint_at": 4}).resolve(ModelSpec.resolve("tiny-llama"))
+    with pytest.raises(KnobError) as err:
+        Knobs({"run.resume_from": str(tmp_path)}).resolve(ModelSpec.resolve("tiny-llama"))
+    assert err.value.knob == "run.resume_from" and "no 'latest' file" in str(err.value)
+    (tmp_path / "latest").write_text("global_step2")
+    assert Knobs({"run.resume_from": str(tmp_path)}).resolve(ModelSpec.resolve("tiny-llama"))["run.resume_from"]
+
+
+def test_resuming_swapped_parameters_with_the_optimizer_on_the_cpu_is_a_risk(tmp_path):
+    (tmp_path / "latest").write_text("global_step2")
+    resolved = Knobs({"run.resume_from": str(tmp_path), O + "device": "cpu"}).resolve(ModelSpec.resolve("tiny-llama"))
+    assert [r.knob for r in resolved.risks] == ["run.resume_from"]

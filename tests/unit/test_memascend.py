@@ -152,6 +152,35 @@ def test_direct_storage_round_trips_bit_for_bit_in_a_region_file(tmp_path):
     assert all(a[0] + a[1] <= b[0] for a, b in zip(offsets, offsets[1:]))  # extents never overlap
 
 
+def test_direct_storage_refuses_to_read_what_was_never_written(tmp_path):
+    extents = direct_storage.ExtentMap(direct_storage.Region(str(tmp_path / "region.bin"), 1 << 20))
+    with pytest.raises(direct_storage.SwapNeverWritten, match="never written"):
+        extents.locate(str(tmp_path / "7.tensor.swp"), 0, 4096)
+    assert extents.extents == {}  # no fresh extent of zeros was handed out
+
+
+def test_direct_storage_checkpoint_files_are_stocks_and_come_back(tmp_path):
+    """A save writes each optimizer tensor out as the file stock keeps (its bytes, its size;
+    gradients aside); after a load, the files DeepSpeed copied back go into the region."""
+    folder = tmp_path / "optimizer"
+    folder.mkdir()
+    extents = direct_storage.ExtentMap(direct_storage.Region(str(tmp_path / "region.bin"), 1 << 20))
+    master, gradient = str(folder / "3.tensor.swp"), str(folder / "3_gradient_0_10.tensor.swp")
+    payload = bytes(range(256)) * 20  # 5120 bytes: not a multiple of the extent alignment
+    for path in (master, gradient):
+        _, offset = extents.locate(path, 0, len(payload), write=True)
+        extents.region.pwrite(payload, offset)
+    assert extents.write_files(str(folder)) == [master]  # gradients stay out of checkpoints, as in stock
+    with open(master, "rb") as f:
+        assert f.read() == payload
+    with open(master, "wb") as f:  # a checkpoint's version, copied back by load_checkpoint
+        f.write(payload[::-1])
+    extents.take_files(str(folder))
+    assert not os.path.exists(master)  # now in the region only
+    _, offset = extents.locate(master, 0, len(payload))
+    assert extents.region.pread(len(payload), offset) == payload[::-1]
+
+
 @pytest.fixture
 def loop_device(tmp_path):
     backing = tmp_path / "backing.img"

@@ -226,7 +226,10 @@ def test_a_risk_is_sized_like_any_configuration(knobs):
     assert estimate(SMALL, knobs).peak_host_bytes > 0
 
 
-def test_fp16_needs_cuda_hardware_not_this_machine():
+def test_fp16_needs_cuda_hardware_not_this_machine(monkeypatch):
+    import memlab.knobs as K
+
+    monkeypatch.setattr(K, "_cpu_fp16_supported", lambda: False)  # a CPU without oneDNN's fp16 kernels
     with pytest.raises(KnobError, match="fp16 training needs a GPU"):
         estimate("tiny-llama", {"run.dtype": "fp16"}, Hardware())
     assert estimate("tiny-llama", {"run.dtype": "fp16"}, CUDA).knobs["run.dtype"] == "fp16"

@@ -295,27 +295,39 @@ def test_a_mapping_that_is_no_malloc_block_is_not_read_as_one():
 
 def test_probes_split_the_heap_into_runtime_and_tensors_in_flight(tmp_path, monkeypatch):
     """Until the engine is ready, what the build holds beyond its buffers is runtime; after,
-    heap growth no component owns is activations, and a step's end lowers the runtime by
-    what the build freed since (the least unowned heap then)."""
+    heap growth no component owns is activations. What the build frees later lowers that
+    floor at a step's end, and the runtime by what RSS lost with it: a freed block that was
+    in RAM leaves the runtime, one that never was (written by nobody) does not."""
     from memlab import components as C
-    from memlab.engine.probes import Probes
-
-    MiB = 1 << 20
-    probes = Probes(EventWriter(tmp_path / "events.jsonl"))
-    probes.framework_bytes = 400 * MiB
-    probes.record_alloc(C.OPTIMIZER_POOL, 100 * MiB, 100 * MiB, "aio-mlock")
-    building = probes.attribute(600 * MiB, 0, T.Heap(free=5 * MiB, live=300 * MiB))["components"]
-    assert building[C.RUNTIME] == 95 * MiB and building[C.OTHER] == 0 and building[C.ACTIVATIONS] == 0
-    probes.engine_ready(560 * MiB, T.Heap(free=5 * MiB, live=260 * MiB))  # runtime 55 MiB, 160 MiB of it heap
-    step = probes.attribute(640 * MiB, 0, T.Heap(free=5 * MiB, live=340 * MiB))["components"]
-    assert (step[C.RUNTIME], step[C.ACTIVATIONS], step[C.OTHER]) == (55 * MiB, 80 * MiB, 0)
     import memlab.engine.probes as P
 
-    monkeypatch.setattr(P, "heap_reading", lambda: T.Heap(free=5 * MiB, live=230 * MiB))  # a 30 MiB copy dropped
-    probes.step_ended()
-    later = probes.attribute(560 * MiB, 0, T.Heap(free=5 * MiB, live=260 * MiB))["components"]
-    assert (later[C.RUNTIME], later[C.ACTIVATIONS]) == (25 * MiB, 30 * MiB)
-    assert later[C.OTHER] == 0
+    MiB = 1 << 20
+
+    def ready_probes():
+        probes = P.Probes(EventWriter(tmp_path / "events.jsonl"))
+        probes.framework_bytes = 400 * MiB
+        probes.record_alloc(C.OPTIMIZER_POOL, 100 * MiB, 100 * MiB, "aio-mlock")
+        building = probes.attribute(600 * MiB, 0, T.Heap(free=5 * MiB, live=300 * MiB))["components"]
+        assert building[C.RUNTIME] == 95 * MiB and building[C.OTHER] == 0 and building[C.ACTIVATIONS] == 0
+        probes.engine_ready(560 * MiB, T.Heap(free=5 * MiB, live=260 * MiB))  # runtime 55 MiB, 160 MiB of it heap
+        step = probes.attribute(640 * MiB, 0, T.Heap(free=5 * MiB, live=340 * MiB))["components"]
+        assert (step[C.RUNTIME], step[C.ACTIVATIONS], step[C.OTHER]) == (55 * MiB, 80 * MiB, 0)
+        return probes
+
+    def step_ends(probes, rss):
+        monkeypatch.setattr(P, "heap_reading", lambda: T.Heap(free=5 * MiB, live=230 * MiB))  # 30 MiB freed
+        monkeypatch.setattr(P, "read_status", lambda: {"VmRSS": rss})
+        probes.step_ended()
+
+    resident = ready_probes()
+    step_ends(resident, rss=530 * MiB)  # the 30 MiB were in RAM
+    later = resident.attribute(560 * MiB, 0, T.Heap(free=5 * MiB, live=260 * MiB))["components"]
+    assert (later[C.RUNTIME], later[C.ACTIVATIONS], later[C.OTHER]) == (25 * MiB, 30 * MiB, 0)
+
+    never_written = ready_probes()
+    step_ends(never_written, rss=560 * MiB)  # RSS did not move: the 30 MiB were never in RAM
+    later = never_written.attribute(560 * MiB, 0, T.Heap(free=5 * MiB, live=230 * MiB))["components"]
+    assert (later[C.RUNTIME], later[C.ACTIVATIONS], later[C.OTHER]) == (55 * MiB, 0, 0)
 
 
 # ------------------------------------------------------------------ page cache

@@ -95,7 +95,8 @@ def install(knobs, context):
         "reserve": _require(param_swapper_cls, "reserve_partitioned_swap_space"),
     }
     for name in ("unscale_and_clip_grads", "_optimizer_step", "_optimizer_states_and_gradient_swap_in",
-                 "_optimizer_states_and_gradient_swap_out") + SKIPPED_WHEN_STREAMED:
+                 "_optimizer_states_and_gradient_swap_out", "reset_swap_buffers", "get_full_hp_param",
+                 "set_full_hp_param") + SKIPPED_WHEN_STREAMED:
         original[name] = _require(zero_cls, name)
 
     # -- pool and partition buffer: sized by B, not by the largest sub-group ----
@@ -175,6 +176,33 @@ def install(knobs, context):
         fp32_param.grad = None
         fp32_param.data = torch.empty(0, dtype=fp32_param.dtype)
 
+    # load_checkpoint rebuilds every sub-group's parameters from its (loaded) fp32 master in
+    # reset_swap_buffers; the whole-sub-group path skips a streamed one, which is rebuilt slice by slice
+    def reset_swap_buffers(self):
+        original["reset_swap_buffers"](self)
+        for sub_group_id in range(len(self.fp16_groups)):
+            if streamed(self, sub_group_id):
+                params_from_master(self, sub_group_id, probes)
+
+    # deepspeed.utils.safe_get/set_full_fp32_param and *_optimizer_state: a streamed sub-group's
+    # master and Adam state are on NVMe only (its in-RAM tensor is a placeholder), read and written
+    # here slice by slice into a full-size tensor, which is what the call returns or is given
+    def get_full_hp_param(self, param, optim_state_key=None):
+        group = self.grad_position[self.get_param_id(param)][0] if param.requires_grad else None
+        if group is None or not streamed(self, group):
+            return original["get_full_hp_param"](self, param, optim_state_key)
+        partition = torch.empty(self.fp16_partitioned_groups_flat_numel[group], dtype=torch.float32)
+        stream_state(self, group, optim_state_key, partition, probes, write=False)
+        return self._fp32_state_allgather(param, partition)
+
+    def set_full_hp_param(self, value, param, optim_state_key=None):
+        group = self.grad_position[self.get_param_id(param)][0] if param.requires_grad else None
+        if group is None or not streamed(self, group):
+            return original["set_full_hp_param"](self, value, param, optim_state_key)
+        numel = self.fp16_partitioned_groups_flat_numel[group]
+        partition = value.flatten().narrow(0, numel * self._get_param_partition_rank(param), numel)
+        stream_state(self, group, optim_state_key, partition.float(), probes, write=True)
+
     def skip_when_streamed(name):
         def method(self, sub_group_id, *args, **kwargs):
             if not streamed(self, sub_group_id):
@@ -188,7 +216,8 @@ def install(knobs, context):
     patching.replace(base_cls, "_swap_out_gradients", _swap_out_gradients)
     patching.replace(base_cls, "_initialize_parameters", _initialize_parameters)
     for function in (unscale_and_clip_grads, _optimizer_step, _optimizer_states_and_gradient_swap_in,
-                     _optimizer_states_and_gradient_swap_out):
+                     _optimizer_states_and_gradient_swap_out, reset_swap_buffers, get_full_hp_param,
+                     set_full_hp_param):
         patching.replace(zero_cls, function.__name__, function)
     for name in SKIPPED_WHEN_STREAMED:
         patching.replace(zero_cls, name, skip_when_streamed(name))
@@ -257,6 +286,63 @@ def stream_sub_group(zero, sub_group_id, probes):
     finally:
         swapper.swap_buffer_manager.free(buffers)
     swap_info.release_unswapped_gradients()
+
+
+def stream_state(zero, sub_group_id, key, tensor, probes, write):
+    """A streamed sub-group's fp32 master (`key` None) or Adam state `key` from NVMe into
+    `tensor`, or from `tensor` to NVMe, B elements at a time through one pool buffer.
+    Adam state that no step has made yet is a KeyError, as in stock (CPU Adam makes it lazily)."""
+    swapper = zero.optimizer_swapper
+    swap_info = swapper._get_param_swap_info(zero.fp32_partitioned_groups_flat[sub_group_id])
+    if key is None:
+        path = swap_info.get_swap_paths()[0]
+    elif key in STATE_NAMES and zero.__dict__.get("memlab_steps", {}).get(sub_group_id):
+        path = os.path.join(swapper.swap_folder, f"{swap_info.param_id}.{key}.memlab.swp")
+    else:
+        raise KeyError(key)
+    (buffer,) = swapper.swap_buffer_manager.allocate(num_elems=swapper.largest_numel, count=1, dtype=swapper.dtype)
+    assert buffer is not None, "memascend staging: no free optimizer pool buffer"
+    io = StreamIO(swapper.aio_handle, probes)
+    try:
+        for start, length in slices(tensor.numel(), swapper.largest_numel):
+            aligned = swapper._io_aligned_numel(length)
+            if write:
+                buffer.narrow(0, 0, length).copy_(tensor.narrow(0, start, length))
+                io.write(buffer.narrow(0, 0, aligned), path, start * buffer.element_size())
+            else:
+                io.read(buffer.narrow(0, 0, aligned), path, start * buffer.element_size())
+            io.wait()
+            if not write:
+                tensor.narrow(0, start, length).copy_(buffer.narrow(0, 0, length))
+    finally:
+        swapper.swap_buffer_manager.free([buffer])
+
+
+def params_from_master(zero, sub_group_id, probes):
+    """A streamed sub-group's parameter rewritten from its fp32 master, B elements at a time
+    (what stock's _reassign_or_swap_out_partitioned_parameters does whole)."""
+    swapper = zero.optimizer_swapper
+    fp32_param = zero.fp32_partitioned_groups_flat[sub_group_id]
+    swap_info = swapper._get_param_swap_info(fp32_param)
+    (param,) = zero.fp16_groups[sub_group_id]
+    on_nvme = getattr(param, "nvme_swapper", None) is not None
+    param_path = param.nvme_swapper.get_path(param, must_exist=True) if on_nvme else None
+    master_path = swap_info.get_swap_paths()[0]
+    param_element = param.nvme_swapper.swap_element_size if on_nvme else param.ds_tensor.element_size()
+    buffers = swapper.swap_buffer_manager.allocate(num_elems=swapper.largest_numel, count=2, dtype=swapper.dtype)
+    assert buffers is not None, "memascend staging: optimizer pool has fewer than 2 free buffers"
+    master, scratch = buffers
+    io = StreamIO(swapper.aio_handle, probes)
+    element = master.element_size()
+    try:
+        for start, length in slices(swap_info.numel(), swapper.largest_numel):
+            aligned = swapper._io_aligned_numel(length)
+            io.read(master.narrow(0, 0, aligned), master_path, start * element)
+            io.wait()
+            write_param_slice(zero, param, param_path, master, scratch, start, length, aligned, io, param_element)
+            io.wait()
+    finally:
+        swapper.swap_buffer_manager.free(buffers)
 
 
 def read_gradient_slice(swap_info, dest, start, length, io):

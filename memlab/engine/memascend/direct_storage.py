@@ -16,6 +16,17 @@ size with stat(), which is 0 for a block device, and asserts (aborting the
 process). So on a raw device, reads are memlab's own O_DIRECT preadv, done at
 submission; the handle's `wait()` counts them with its own completions, so
 DeepSpeed's bookkeeping is unchanged. Writes go through aio on both.
+
+Checkpoints: DeepSpeed's save_checkpoint copies the optimizer's swap folder
+into the checkpoint and load_checkpoint copies it back. Under direct storage
+that folder holds no file, so a save first writes each optimizer tensor of the
+region out as the file stock DeepSpeed would have there (same name, same
+bytes: the checkpoint is stock's, loadable either way), and removes them once
+DeepSpeed has copied them; after a load, the first read of a path with no
+extent, and every file DeepSpeed copied back before it rebuilds the swap buffers
+(reset_swap_buffers), go into the region. A read of a path
+that was never written and has no such file is an error (SwapNeverWritten),
+never a fresh extent of zeros.
 """
 import ctypes
 import mmap
@@ -36,6 +47,10 @@ class RegionFull(RunError, OSError):
     """The region (file or device) has no room for the next extent."""
 
 
+class SwapNeverWritten(RunError, OSError):
+    """A swap path read before anything was written there (and no checkpoint file brought it)."""
+
+
 class Region:
     """The storage behind the extents: a file that can grow, or a fixed device."""
 
@@ -53,6 +68,32 @@ class Region:
             finally:
                 os.close(fd)
             self.capacity = max(initial_bytes, EXTENT_ALIGNMENT)
+
+    def pread(self, nbytes, offset):
+        """Bytes of the region (4096-aligned extents: O_DIRECT-safe on a device)."""
+        if self.device:
+            length = -(-nbytes // EXTENT_ALIGNMENT) * EXTENT_ALIGNMENT
+            with mmap.mmap(-1, length) as buffer:
+                os.preadv(self.fd, [buffer], offset)
+                return buffer[:nbytes]
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            return os.pread(fd, nbytes, offset)
+        finally:
+            os.close(fd)
+
+    def pwrite(self, data, offset):
+        if self.device:
+            length = -(-len(data) // EXTENT_ALIGNMENT) * EXTENT_ALIGNMENT
+            with mmap.mmap(-1, length) as buffer:
+                buffer[:len(data)] = data
+                os.pwritev(self.fd, [buffer], offset)
+            return
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
 
     def ensure(self, end):
         if end <= self.capacity:
@@ -74,6 +115,7 @@ class ExtentMap:
     def __init__(self, region):
         self.region = region
         self.extents = {}
+        self.written = {}  # path -> bytes written from its start (what a checkpoint file of it holds)
         self.next_offset = 0
         self.lock = threading.Lock()
 
@@ -92,12 +134,51 @@ class ExtentMap:
             self.extents[path] = (offset, size)
             return self.extents[path]
 
-    def locate(self, path, offset, nbytes):
+    def locate(self, path, offset, nbytes, write=False):
         """(region path, region offset) for bytes [offset, offset+nbytes) of `path`."""
-        base, size = self.reserve(path, offset + nbytes)
+        if write:
+            base, size = self.reserve(path, offset + nbytes)
+            with self.lock:
+                self.written[path] = max(self.written.get(path, 0), offset + nbytes)
+        else:
+            if path not in self.extents:
+                self.take_file(path)
+            base, size = self.extents[path]
         if offset + nbytes > size:
             raise RegionFull(f"{path}: {offset + nbytes} bytes beyond its {size}-byte extent")
         return self.region.path, base + offset
+
+    def take_file(self, path):
+        """A swap file DeepSpeed's load_checkpoint copied back: into the region, then removed."""
+        if not os.path.isfile(path):
+            raise SwapNeverWritten(f"memascend.storage=direct: {path} is read but was never written "
+                                   "(and no checkpoint brought it)")
+        with open(path, "rb") as f:
+            data = f.read()
+        base, _ = self.reserve(path, len(data))
+        self.region.pwrite(data, base)
+        with self.lock:
+            self.written[path] = len(data)
+        os.remove(path)
+
+    def take_files(self, folder):
+        """Every file in `folder` (what load_checkpoint copied back) into the region."""
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                self.take_file(path)
+
+    def write_files(self, folder):
+        """Each optimizer tensor under `folder` as the file stock DeepSpeed keeps there
+        (gradients aside: DeepSpeed's checkpoint copy skips them); the paths written."""
+        folder = os.path.join(folder, "")
+        with self.lock:
+            paths = [(p, n) for p, n in self.written.items() if p.startswith(folder) and "gradient" not in
+                     os.path.basename(p)]
+        for path, nbytes in paths:
+            with open(path, "wb") as f:
+                f.write(self.region.pread(nbytes, self.extents[path][0]))
+        return [path for path, _ in paths]
 
 
 ACTIVE = None  # the run's ExtentMap while direct storage is on (used by bounded staging)
@@ -137,7 +218,7 @@ def submit_read(handle, buffer, path, offset=0):
 
 
 def submit_write(handle, buffer, path, offset=0):
-    target, region_offset = locate(path, offset, buffer.nbytes)
+    target, region_offset = locate(path, offset, buffer.nbytes, write=True)
     _check_aio_offset(path, region_offset)
     assert handle.async_pwrite(buffer, target, region_offset) == 0
     _aio_pending[id(handle)] = _aio_pending.get(id(handle), 0) + 1
@@ -149,11 +230,11 @@ def _check_aio_offset(path, offset):
         raise ValueError(f"{path}: I/O at offset {offset}, not a multiple of 512 bytes")
 
 
-def locate(path, offset, nbytes):
+def locate(path, offset, nbytes, write=False):
     """Where bytes of a swap path live: the region under direct storage, else the file itself."""
     if ACTIVE is None:
         return path, offset
-    return ACTIVE.locate(path, offset, nbytes)
+    return ACTIVE.locate(path, offset, nbytes, write)
 
 
 def reserve(path, nbytes):
@@ -190,12 +271,43 @@ def install(knobs, context):
 
     if region.device:
         _count_sync_reads_in_wait()
+    _write_files_for_checkpoints()
 
     for module in modules:  # each module imported the functions by name
         if hasattr(module, "swap_in_tensors"):
             patching.replace(module, "swap_in_tensors", swap_in_tensors)
         if hasattr(module, "swap_out_tensors"):
             patching.replace(module, "swap_out_tensors", swap_out_tensors)
+
+
+def _write_files_for_checkpoints():
+    """save_checkpoint copies the optimizer's swap folder: give it the files stock keeps there;
+    load_checkpoint copies them back: take them into the region."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero import stage3
+
+    original_save = _require(DeepSpeedEngine, "save_checkpoint")
+
+    def save_checkpoint(self, *args, **kwargs):
+        swapper = getattr(self.optimizer, "optimizer_swapper", None)
+        files = ACTIVE.write_files(swapper.swap_folder) if swapper is not None else []
+        try:
+            return original_save(self, *args, **kwargs)
+        finally:
+            for path in files:
+                os.remove(path)
+
+    patching.replace(DeepSpeedEngine, "save_checkpoint", save_checkpoint)
+
+    # load_checkpoint copies the checkpoint's files into the swap folder, then rebuilds from them
+    zero_cls = stage3.DeepSpeedZeroOptimizer_Stage3
+    original_reset = _require(zero_cls, "reset_swap_buffers")
+
+    def reset_swap_buffers(self):
+        ACTIVE.take_files(self.optimizer_swapper.swap_folder)
+        return original_reset(self)
+
+    patching.replace(zero_cls, "reset_swap_buffers", reset_swap_buffers)
 
 
 def _count_sync_reads_in_wait():
