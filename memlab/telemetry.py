@@ -161,8 +161,8 @@ class Heap(tuple):
 
 def heap_reading():
     """glibc's heap now (Heap). mallinfo2 walks every free chunk (cheap on a tidy
-    heap, tens of milliseconds on a fragmented one); the mmapped blocks are found
-    in /proc/self/maps and their residency asked of mincore."""
+    heap, tens of milliseconds on a fragmented one); the mmapped blocks' pages not
+    in RAM are read from /proc/self/maps and mincore (unwritten_mmapped_bytes)."""
     if _mallinfo2 is None:
         return Heap(known=False)
     info = _mallinfo2()
@@ -170,18 +170,18 @@ def heap_reading():
 
 
 _IS_MMAPPED = 0x2  # glibc's chunk flag: this block is a mapping of its own
+_RESIDENT_BIT = bytes(b & 1 for b in range(256))  # mincore: bit 0 of each page's byte
 _SIZE_BITS = ~0x7
-
-
 def unwritten_mmapped_bytes():
-    """Bytes of glibc's mmapped blocks (those at or above the mmap threshold) that
-    are not in RAM: a tensor made with torch.empty and never (or not wholly)
-    written, such as a reduce bucket before the first backward. Each such block
-    is a mapping that starts with its chunk header (prev_size 0, then its length
-    with IS_MMAPPED set; an aligned block keeps that first header too), and
-    adjacent blocks share one entry of /proc/self/maps, so each entry is walked
-    header by header. An entry whose first page is not in RAM holds no header
-    (thread stacks, reserved arena space) and is not read at all."""
+    """Bytes of glibc's mmapped blocks (those at or above the mmap threshold) not in
+    RAM: a tensor made with torch.empty and never, or not wholly, written takes no
+    RAM. Each such block is a mapping that starts with its chunk header (prev_size
+    0, then its length with IS_MMAPPED set; an aligned block keeps that first
+    header too), and adjacent blocks share one line of /proc/self/maps, so each
+    anonymous line is walked header by header from its start, up to the first page
+    that holds none. (Other memory can share a line, such as Python's own arenas;
+    blocks after it in the same line are not seen and count as written: searching
+    every page costs tens of milliseconds a reading, more than the sampler may spend.)"""
     unwritten = 0
     try:
         with open("/proc/self/maps") as f:
@@ -191,35 +191,64 @@ def unwritten_mmapped_bytes():
         return 0
     try:
         for line in lines:
-            unwritten += _unwritten_in_mapping(mem, line)
+            fields = line.split()
+            if fields[1] != "rw-p" or len(fields) > 5:
+                continue  # files, [heap], [stack], reserved space
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            walk = _MappingWalk(mem, start, end)
+            walk.from_start()
+            unwritten += walk.unwritten
     finally:
         os.close(mem)
     return unwritten
 
 
-def _unwritten_in_mapping(mem, line):
-    """unwritten_mmapped_bytes of one /proc/self/maps line. Headers are read
+class _MappingWalk:
+    """The mmapped blocks of one mapping, found header by header. Headers are read
     through /proc/self/mem: another thread may unmap a block meanwhile, and a read
     there is an error, not a crash."""
-    fields = line.split()
-    if len(fields) > 5 or fields[1] != "rw-p":
-        return 0  # named (files, [heap], [stack]) or not private writable memory
-    start, end = (int(x, 16) for x in fields[0].split("-"))
-    unwritten, address = 0, start
-    while end - address >= 2 * PAGE and resident_bytes(address, PAGE):  # a header is written memory
+
+    def __init__(self, mem, start, end):
+        self.mem, self.start, self.pages = mem, start, (end - start) // PAGE
+        self.resident = None
+        self.unwritten = self.found = 0
+
+    def _resident(self):
+        if self.resident is None:
+            vec = (ctypes.c_ubyte * self.pages)()
+            ok = _libc.mincore(ctypes.c_void_p(self.start), self.pages * PAGE, vec) == 0
+            self.resident = bytes(vec).translate(_RESIDENT_BIT) if ok else bytes(self.pages)
+        return self.resident
+
+    def _block_at(self, page):
+        """The block's length in pages if one starts at this page, else 0."""
         try:
-            header = os.pread(mem, 16, address)
+            header = os.pread(self.mem, 16, self.start + page * PAGE)
         except OSError:
-            break  # unmapped meanwhile
+            return 0  # unmapped meanwhile
         if len(header) < 16:
-            break
+            return 0
         prev_size, size = int.from_bytes(header[:8], sys.byteorder), int.from_bytes(header[8:], sys.byteorder)
         length = size & _SIZE_BITS
-        if prev_size != 0 or not size & _IS_MMAPPED or length % PAGE or not 0 < length <= end - address:
-            break  # not a glibc mmapped chunk
-        unwritten += length - resident_bytes(address, length)
-        address += length
-    return unwritten
+        if prev_size != 0 or not size & _IS_MMAPPED or length % PAGE or not 0 < length // PAGE <= self.pages - page:
+            return 0
+        return length // PAGE
+
+    def _count(self, page, length):
+        resident = self._resident()
+        self.unwritten += (length - resident.count(1, page, page + length)) * PAGE
+        self.found += length * PAGE
+
+    def from_start(self):
+        page = 0
+        while page < self.pages - 1:
+            if not resident_bytes(self.start + page * PAGE, PAGE):
+                break  # a header is written memory: none here
+            length = self._block_at(page)
+            if not length:
+                break
+            self._count(page, length)
+            page += length
 
 
 def heap_free_bytes():

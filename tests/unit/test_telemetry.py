@@ -285,10 +285,11 @@ def test_a_mapping_that_is_no_malloc_block_is_not_read_as_one():
     region = mmap.mmap(-1, 8 * PAGE)
     region.write(b"\xff" * (8 * PAGE))
     address = ctypes.addressof(ctypes.c_char.from_buffer(region))
-    line = f"{address:x}-{address + 8 * PAGE:x} rw-p 00000000 00:00 0"
     mem = os.open("/proc/self/mem", os.O_RDONLY)
     try:
-        assert T._unwritten_in_mapping(mem, line) == 0
+        walk = T._MappingWalk(mem, address, address + 8 * PAGE)
+        walk.from_start()
+        assert (walk.found, walk.unwritten) == (0, 0)
     finally:
         os.close(mem)
 
