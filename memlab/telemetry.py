@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+from typing import NamedTuple
 
 from . import ds_rules
 
@@ -142,21 +143,16 @@ _libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctype
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-class Heap(tuple):
+class Heap(NamedTuple):
     """One reading of glibc's malloc: `free`, bytes its arenas hold unused
     (fordblks, the top pad included: the fragmentation of the ordinary heap), and
     `live`, bytes handed out, not yet freed and in RAM (uordblks + hblkhd, less
     the pages of mmapped blocks nobody has written yet). Every tensor torch or
     DeepSpeed makes on the host is a malloc block (posix_memalign), so `live`
     counts them all, views once. Zeros where mallinfo2 is missing (`known` False)."""
-    __slots__ = ()
-
-    def __new__(cls, free=0, live=0, known=True):
-        return super().__new__(cls, (int(free), int(live), bool(known)))
-
-    free = property(lambda self: self[0])
-    live = property(lambda self: self[1])
-    known = property(lambda self: self[2])
+    free: int = 0
+    live: int = 0
+    known: bool = True
 
 
 def heap_reading():
@@ -170,8 +166,10 @@ def heap_reading():
 
 
 _IS_MMAPPED = 0x2  # glibc's chunk flag: this block is a mapping of its own
-_RESIDENT_BIT = bytes(b & 1 for b in range(256))  # mincore: bit 0 of each page's byte
 _SIZE_BITS = ~0x7
+_RESIDENT_BIT = bytes(b & 1 for b in range(256))  # mincore: bit 0 of each page's byte
+
+
 def unwritten_mmapped_bytes():
     """Bytes of glibc's mmapped blocks (those at or above the mmap threshold) not in
     RAM: a tensor made with torch.empty and never, or not wholly, written takes no
@@ -192,63 +190,38 @@ def unwritten_mmapped_bytes():
     try:
         for line in lines:
             fields = line.split()
-            if fields[1] != "rw-p" or len(fields) > 5:
-                continue  # files, [heap], [stack], reserved space
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            walk = _MappingWalk(mem, start, end)
-            walk.from_start()
-            unwritten += walk.unwritten
+            if fields[1] == "rw-p" and len(fields) <= 5:  # anonymous: not files, [heap], [stack], reserved space
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                unwritten += _unwritten_in_mapping(mem, start, end)
     finally:
         os.close(mem)
     return unwritten
 
 
-class _MappingWalk:
-    """The mmapped blocks of one mapping, found header by header. Headers are read
-    through /proc/self/mem: another thread may unmap a block meanwhile, and a read
-    there is an error, not a crash."""
-
-    def __init__(self, mem, start, end):
-        self.mem, self.start, self.pages = mem, start, (end - start) // PAGE
-        self.resident = None
-        self.unwritten = self.found = 0
-
-    def _resident(self):
-        if self.resident is None:
-            vec = (ctypes.c_ubyte * self.pages)()
-            ok = _libc.mincore(ctypes.c_void_p(self.start), self.pages * PAGE, vec) == 0
-            self.resident = bytes(vec).translate(_RESIDENT_BIT) if ok else bytes(self.pages)
-        return self.resident
-
-    def _block_at(self, page):
-        """The block's length in pages if one starts at this page, else 0."""
+def _unwritten_in_mapping(mem, start, end):
+    """The unwritten bytes of the mmapped blocks at the start of one mapping. Headers
+    are read through /proc/self/mem: another thread may unmap a block meanwhile, and
+    a read there is an error, not a crash."""
+    pages = (end - start) // PAGE
+    vec = (ctypes.c_ubyte * pages)()
+    if _libc.mincore(ctypes.c_void_p(start), pages * PAGE, vec) != 0:
+        return 0
+    resident = bytes(vec).translate(_RESIDENT_BIT)  # one byte per page: 1 in RAM
+    unwritten, page = 0, 0
+    while page < pages - 1 and resident[page]:  # a header is written memory
         try:
-            header = os.pread(self.mem, 16, self.start + page * PAGE)
+            header = os.pread(mem, 16, start + page * PAGE)
         except OSError:
-            return 0  # unmapped meanwhile
+            break  # unmapped meanwhile
         if len(header) < 16:
-            return 0
+            break
         prev_size, size = int.from_bytes(header[:8], sys.byteorder), int.from_bytes(header[8:], sys.byteorder)
-        length = size & _SIZE_BITS
-        if prev_size != 0 or not size & _IS_MMAPPED or length % PAGE or not 0 < length // PAGE <= self.pages - page:
-            return 0
-        return length // PAGE
-
-    def _count(self, page, length):
-        resident = self._resident()
-        self.unwritten += (length - resident.count(1, page, page + length)) * PAGE
-        self.found += length * PAGE
-
-    def from_start(self):
-        page = 0
-        while page < self.pages - 1:
-            if not resident_bytes(self.start + page * PAGE, PAGE):
-                break  # a header is written memory: none here
-            length = self._block_at(page)
-            if not length:
-                break
-            self._count(page, length)
-            page += length
+        length = (size & _SIZE_BITS) // PAGE
+        if prev_size != 0 or not size & _IS_MMAPPED or (size & _SIZE_BITS) % PAGE or not 0 < length <= pages - page:
+            break  # not a glibc mmapped chunk
+        unwritten += (length - resident.count(1, page, page + length)) * PAGE
+        page += length
+    return unwritten
 
 
 def heap_free_bytes():

@@ -221,6 +221,10 @@ class Probes:
         return out
 
     # -- attribution (sampler thread) -----------------------------------------------
+    def _buffers_in_rss(self):
+        """Bytes of the recorded allocations that count in RSS (under `lock`)."""
+        return sum(v for k, v in self.component_bytes.items() if k not in C.OUTSIDE_RSS and k != C.OTHER)
+
     def engine_ready(self, rss, heap):
         """Called once deepspeed.initialize has returned and its buffers are recorded.
         `runtime` is what building the model and engine left in RSS beyond the buffers
@@ -230,8 +234,7 @@ class Probes:
         later (a copy made at init, dropped at the first step) lowers the floor at
         the end of a step (step_ended)."""
         with self.lock:
-            owned = self.heap_owned
-            inside = sum(v for k, v in self.component_bytes.items() if k not in C.OUTSIDE_RSS and k != C.OTHER)
+            owned, inside = self.heap_owned, self._buffers_in_rss()
         self.runtime_bytes = max(0, rss - self.framework_bytes - inside - heap.free)
         self.heap_floor = heap.live - owned
 
@@ -246,8 +249,7 @@ class Probes:
         heap, rss = heap_reading(), read_status()["VmRSS"]
         if heap.known:
             with self.lock:
-                owned = self.heap_owned
-                inside = sum(v for k, v in self.component_bytes.items() if k not in C.OUTSIDE_RSS and k != C.OTHER)
+                owned, inside = self.heap_owned, self._buffers_in_rss()
                 self.heap_floor = min(self.heap_floor, heap.live - owned)
                 in_flight = max(0, heap.live - owned - self.heap_floor)
                 room = rss - self.framework_bytes - inside - heap.free - in_flight
