@@ -1,5 +1,5 @@
 # The README's two commands: `make demo` and `make test`.
-.PHONY: setup setup-test demo test test-unit test-engine lint bench clean
+.PHONY: setup setup-test demo test test-unit test-engine lint bench peer clean
 
 setup:
 	bash scripts/setup.sh
@@ -27,5 +27,11 @@ lint: setup-test
 bench: setup-test
 	.venv/bin/python benchmarks/telemetry_overhead.py
 
+# DeepSpeed's own ZeRO-3 offload tests, stock and with memlab's switches, and the difference:
+#   make peer DEEPSPEED_SRC=/path/to/a/DeepSpeed/checkout [PEER_ARGS='--switches "all;memascend.pool"']
+peer: setup-test
+	@test -n "$(DEEPSPEED_SRC)" || { echo "make peer: set DEEPSPEED_SRC to a DeepSpeed source checkout"; exit 2; }
+	.venv/bin/python -m memlab.peer "$(DEEPSPEED_SRC)" $(PEER_ARGS)
+
 clean:
-	rm -rf memlab-runs .pytest_cache
+	rm -rf memlab-runs .pytest_cache peer-out

@@ -162,7 +162,12 @@ def staging_plan(numels, sub_group_size, staging_elements="auto"):
     MIN_STAGING_ELEMENTS unless the largest sub-group is smaller. A sub-group
     that is one parameter of more than B elements is streamed through B-element
     slices (streamed_sub_group); the others keep DeepSpeed's whole-sub-group path."""
-    groups = sub_groups(numels, sub_group_size)
+    return staging_plan_of_groups(sub_groups(numels, sub_group_size), staging_elements)
+
+
+def staging_plan_of_groups(groups, staging_elements="auto"):
+    """staging_plan on sub-groups already made (lists of numels): what the engine
+    patch derives from the sub-groups DeepSpeed built."""
     sizes = [sum(g) for g in groups]
     largest = max(sizes)
     if staging_elements == "auto":

@@ -590,8 +590,9 @@ class ResolvedKnobs:
                             f"elements), which cannot be streamed; raise it or lower sub_group_size")
         values["memascend.staging_elements"] = plan["bound"]
         self.staging_plan = plan
-        if values.get("memascend.pinning") == "exact":
-            values["allocator.DS_PIN_MEMORY_BACKEND"] = "native"  # the backend exact pinning runs on
+        for optimization in OPTIMIZATIONS:  # the environment a switch runs on (the pinning backend)
+            if values.get(optimization.switch) == optimization.optimized:
+                values.update({f"allocator.{name}": value for name, value in optimization.environment})
         self.values = values
         self.largest_partition = largest
         self.num_params = model.num_params

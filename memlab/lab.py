@@ -320,7 +320,6 @@ class Lab:
             "knobs_nested": resolved.to_dict(),
             "from_auto": resolved.from_auto,
             "risks": [risk.to_dict() for risk in resolved.risks],  # their explanations, should DeepSpeed assert
-            "staging_plan": resolved.staging_plan,  # computed once, by the knobs; the worker's engine patches use it
             "model": spec.to_dict(),
             "ds_config": resolved.to_ds_config(swap_path),
             "swap_path": swap_path,

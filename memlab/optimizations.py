@@ -27,6 +27,7 @@ class Optimization:
     doc: str
     installer: str  # module of memlab.engine.memascend with install(knobs, context)
     checks: Tuple[Callable, ...] = ()  # check(resolved knobs): raise KnobError for what it cannot run
+    environment: Tuple[Tuple[str, str], ...] = ()  # variables the engine's process needs set, when optimized
 
 
 def _check_storage_device(r):
@@ -63,7 +64,7 @@ OPTIMIZATIONS = (
                  "fused_checks"),
     Optimization("memascend.pinning", "torch", "exact",
                  "pinned buffers take exactly their bytes rounded to the page (DeepSpeed's native backend)",
-                 "exact_pinning"),
+                 "exact_pinning", environment=(("DS_PIN_MEMORY_BACKEND", "native"),)),
     Optimization("memascend.pool", "fixed", "adaptive",
                  "parameter swap buffers sized by the partitions that use them, grown on demand",
                  "adaptive_pool", (_check_adaptive_gds,)),

@@ -271,9 +271,8 @@ class Worker:
         from . import probes as probe_hooks
 
         spec = ModelSpec.from_dict(self.request["model"])
-        # the lab resolved the knobs against this model: its staging plan (ResolvedKnobs.staging_plan) came along
-        context = {"model": spec, "probes": self.probes, "staging_plan": self.request["staging_plan"],
-                   "swap_path": self.request.get("swap_path"), "region_bytes": self.request.get("region_bytes", 0)}
+        context = {"probes": self.probes, "swap_path": self.request.get("swap_path"),
+                   "region_bytes": self.request.get("region_bytes", 0)}
         installed = memascend.install(k, context)  # before the probes wrap what they patch
         if installed:
             self.writer.emit("log", message=f"memascend: {', '.join(installed)}")

@@ -8,7 +8,8 @@ forward/backward/step and prints what it saw as one JSON line:
   gradient is None between steps);
 - safe_set_full_fp32_param on the largest parameter, then a step;
 - GatheredParameters: read every weight, modify one (modifier_rank 0), a step;
-- gradient accumulation over 2 micro-batches (engine.backward twice, one step).
+- gradient accumulation over 2 micro-batches (engine.backward twice, one step);
+- save_16bit_model with stage3_gather_16bit_weights_on_model_save (the weights gathered whole).
 
     python contract_script.py SWAP_DIR '{"memascend.pool": "adaptive"}' [engine]
 
@@ -44,8 +45,7 @@ def main(swap_dir, switches, engine):
     os.environ.update({k: v for k, v in Lab._worker_env(None, resolved).items() if k.startswith(("DS_", "MALLOC_",
                                                                                                   "TORCH_EXT"))})
     probes = Probes(EventWriter(os.path.join(swap_dir, "events.jsonl")))
-    memascend.install(v, {"model": spec, "probes": probes, "staging_plan": resolved.staging_plan,
-                          "swap_path": swap_path, "region_bytes": footprint})
+    memascend.install(v, {"probes": probes, "swap_path": swap_path, "region_bytes": footprint})
 
     import deepspeed
     import transformers
@@ -55,6 +55,7 @@ def main(swap_dir, switches, engine):
     ds_config = resolved.to_ds_config(swap_path)
     ds_config["gradient_accumulation_steps"] = 2
     ds_config["train_batch_size"] = 2
+    ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     import socket
 
     with socket.socket() as free:  # one rank of its own: a free port for gloo's rendezvous
@@ -96,6 +97,11 @@ def main(swap_dir, switches, engine):
     with deepspeed.zero.GatheredParameters([norm], modifier_rank=0):
         norm.data.mul_(0.5)
     step()
+    # save_16bit_model: the weights gathered whole on rank 0 (stage3_gather_16bit_weights_on_model_save)
+    saved = os.path.join(swap_dir, "model16")
+    engine_.save_16bit_model(saved)
+    state = torch.load(os.path.join(saved, "pytorch_model.bin"), weights_only=True)
+    out["saved_16bit"] = {n: float(t.double().sum()) for n, t in state.items()}
     print("CONTRACT " + json.dumps(out), flush=True)
 
 

@@ -2,8 +2,8 @@
 tests/engine/contract_script.py (plain DeepSpeed, the switches installed as the
 worker installs them) reads every fp32 master and Adam moment through
 deepspeed.utils' safe_get_* calls, sets the largest master, reads and modifies
-weights under GatheredParameters, and trains with 2-micro-batch gradient
-accumulation. Each switch alone and all of them give stock's values exactly."""
+weights under GatheredParameters, trains with 2-micro-batch gradient
+accumulation and saves the 16-bit model gathered whole. Each switch alone and all of them give stock's values exactly."""
 import json
 import os
 import subprocess
@@ -45,6 +45,6 @@ def seen(tmp_path_factory):
 
 
 @pytest.mark.parametrize("variant", ["all"] + list(MEMASCEND_SWITCHES))
-@pytest.mark.parametrize("what", ["losses", "fp32", "exp_avg", "set_read_back", "gathered"])
+@pytest.mark.parametrize("what", ["losses", "fp32", "exp_avg", "set_read_back", "gathered", "saved_16bit"])
 def test_stocks_values(seen, variant, what):
     assert seen[variant][what] == seen["stock"][what]

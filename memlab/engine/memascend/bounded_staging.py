@@ -10,7 +10,9 @@ Qwen2.5-0.5B embedding. At its first step CPU Adam also creates exp_avg and
 exp_avg_sq for the whole sub-group as pageable tensors (8 bytes per element).
 
 Here the staging bound B is the largest multi-parameter sub-group
-(`memascend.staging_elements`, auto). A sub-group that is one parameter
+(`memascend.staging_elements`, auto), found by memlab's rule
+(ds_rules.staging_plan) on the sub-groups this engine's stage 3 makes, so it
+needs no plan from outside the process. A sub-group that is one parameter
 larger than B is *streamed*: for each B-element slice, the fp32 master,
 exp_avg, exp_avg_sq and gradient slices are read at their file offsets into
 B-sized pool buffers, the same CPU Adam kernel updates them, and they are
@@ -29,7 +31,7 @@ import os
 
 import torch
 
-from ...ds_rules import streamed_sub_group
+from ...ds_rules import staging_plan_of_groups, streamed_sub_group
 from .. import patching
 from ..patching import original as _require
 from . import direct_storage
@@ -78,17 +80,17 @@ def install(knobs, context):
     from deepspeed.runtime.swap_tensor import partitioned_param_swapper as pps
     from deepspeed.runtime.zero import stage3
 
-    bound = knobs["memascend.staging_elements"]
+    staging_elements = knobs["memascend.staging_elements"]  # a bound, or "auto" where nothing resolved it
     probes = context["probes"]
-    reserve_numels = context["staging_plan"]["largest_kept_group"]
-    if knobs["zero_optimization.offload_optimizer.device"] != "nvme":
-        return  # nothing is staged: the optimizer state stays in RAM
+    # Every patch below acts only where DeepSpeed swaps (optimizer or parameters on NVMe), so
+    # installing them for a run that swaps nothing changes nothing.
 
     swapper_cls = pos.PartitionedOptimizerSwapper
     base_cls = optimizer_utils.OptimizerSwapper
     zero_cls = stage3.DeepSpeedZeroOptimizer_Stage3
     param_swapper_cls = pps.AsyncPartitionedParameterSwapper
     original = {
+        "partitions": _require(zero_cls, "_create_fp16_partitions_with_defragmentation"),
         "init": _require(swapper_cls, "__init__"),
         "swap_out_gradients": _require(base_cls, "_swap_out_gradients"),
         "initialize_parameters": _require(base_cls, "_initialize_parameters"),
@@ -99,15 +101,26 @@ def install(knobs, context):
                  "set_full_hp_param") + SKIPPED_WHEN_STREAMED:
         original[name] = _require(zero_cls, name)
 
+    # -- the plan, from the sub-groups this engine makes (stage3 builds its partitions, reserves the
+    # parameter swap buffer and then makes the optimizer swapper, in that order, in one __init__)
+    plan = {}
+
+    def _create_fp16_partitions_with_defragmentation(self, fp16_param_groups):
+        groups = [[p.partition_numel() for p in sub_group] for param_group in fp16_param_groups
+                  for sub_group in self._create_fp16_sub_groups(param_group["params"])]
+        plan.update(staging_plan_of_groups(groups, staging_elements) if groups else {})
+        return original["partitions"](self, fp16_param_groups)
+
     # -- pool and partition buffer: sized by B, not by the largest sub-group ----
     def __init__(self, swap_config, aio_config, base_folder, optimizer, largest_numel, *args, **kwargs):
+        bound = plan.get("bound", largest_numel)
         original["init"](self, swap_config, aio_config, base_folder, optimizer, min(largest_numel, bound),
                          *args, **kwargs)
         self.memlab_bound = self._io_aligned_numel(bound)
 
     def reserve_partitioned_swap_space(self, partition_num_elems):
-        if streamed_sub_group(len(partition_num_elems), sum(partition_num_elems), bound):
-            partition_num_elems = reserve_numels  # the streamed sub-group writes its params slice by slice
+        if plan and streamed_sub_group(len(partition_num_elems), sum(partition_num_elems), plan["bound"]):
+            partition_num_elems = plan["largest_kept_group"]  # the streamed sub-group writes its params slice by slice
         return original["reserve"](self, partition_num_elems)
 
     # -- gradients: large ones are written in B-element pieces ---------------------
@@ -211,6 +224,8 @@ def install(knobs, context):
         method.__name__ = name
         return method
 
+    patching.replace(zero_cls, "_create_fp16_partitions_with_defragmentation",
+                     _create_fp16_partitions_with_defragmentation)
     patching.replace(swapper_cls, "__init__", __init__)
     patching.replace(param_swapper_cls, "reserve_partitioned_swap_space", reserve_partitioned_swap_space)
     patching.replace(base_cls, "_swap_out_gradients", _swap_out_gradients)

@@ -182,6 +182,10 @@ class ExtentMap:
 
 
 ACTIVE = None  # the run's ExtentMap while direct storage is on (used by bounded staging)
+# Installed into someone else's DeepSpeed program (no run swap folder known at install): one region
+# per swap root, made where the first swap path under it is used, removed at exit (memlab made it).
+_BY_ROOT = {}
+_rooted = []
 _sync_reads = {}  # id(aio handle) -> reads memlab completed itself, counted by the next wait()
 _aio_pending = {}  # id(aio handle) -> operations submitted to aio since the last wait()
 
@@ -205,11 +209,38 @@ def read_into(fd, tensor, offset):
         raise OSError(f"short read from the storage device: {done} of {nbytes} bytes")
 
 
+def swap_root(path):
+    """The nvme_path a DeepSpeed swap path lies under (`<nvme_path>/zero_stage_3/...`)."""
+    marker = os.sep + "zero_stage_3" + os.sep
+    return path.split(marker)[0] if marker in path else os.path.dirname(path)
+
+
+def extents_for(path):
+    """The ExtentMap that holds `path`, or None when direct storage is off."""
+    if ACTIVE is not None or not _rooted:
+        return ACTIVE
+    root = swap_root(os.path.abspath(path))
+    with _rooted[0]:
+        if root not in _BY_ROOT:
+            os.makedirs(root, exist_ok=True)
+            # ranks of one program share its nvme_path: a region each
+            _BY_ROOT[root] = ExtentMap(Region(os.path.join(root, f"{os.getpid()}-{REGION_NAME}"), 0))
+        return _BY_ROOT[root]
+
+
+def _remove_rooted_regions():
+    for extents in _BY_ROOT.values():
+        if os.path.exists(extents.region.path):
+            os.remove(extents.region.path)
+    _BY_ROOT.clear()
+
+
 def submit_read(handle, buffer, path, offset=0):
     """Read bytes of a swap path into buffer: aio, or memlab's own read on a raw device."""
     target, region_offset = locate(path, offset, buffer.nbytes)
-    if ACTIVE is not None and ACTIVE.region.device:
-        read_into(ACTIVE.region.fd, buffer, region_offset)
+    extents = extents_for(path)
+    if extents is not None and extents.region.device:
+        read_into(extents.region.fd, buffer, region_offset)
         _sync_reads[id(handle)] = _sync_reads.get(id(handle), 0) + 1
         return
     _check_aio_offset(path, region_offset)
@@ -232,15 +263,17 @@ def _check_aio_offset(path, offset):
 
 def locate(path, offset, nbytes, write=False):
     """Where bytes of a swap path live: the region under direct storage, else the file itself."""
-    if ACTIVE is None:
+    extents = extents_for(path)
+    if extents is None:
         return path, offset
-    return ACTIVE.locate(path, offset, nbytes, write)
+    return extents.locate(path, offset, nbytes, write)
 
 
 def reserve(path, nbytes):
     """Give a path written in slices (bounded staging) its whole extent up front."""
-    if ACTIVE is not None:
-        ACTIVE.reserve(path, nbytes)
+    extents = extents_for(path)
+    if extents is not None:
+        extents.reserve(path, nbytes)
 
 
 def install(knobs, context):
@@ -250,12 +283,18 @@ def install(knobs, context):
     device = knobs["memascend.storage_device"]
     if device:
         region = Region(device, 0, device=True)
-    else:
-        swap_path = context["swap_path"]
-        if not swap_path:
+        ACTIVE = ExtentMap(region)
+    elif "swap_path" in context:  # memlab's worker: the run's swap folder, if it swaps at all
+        if not context["swap_path"]:
             return  # nothing is swapped to NVMe in this run
-        region = Region(os.path.join(swap_path, REGION_NAME), context.get("region_bytes", 0))
-    ACTIVE = ExtentMap(region)
+        region = Region(os.path.join(context["swap_path"], REGION_NAME), context.get("region_bytes", 0))
+        ACTIVE = ExtentMap(region)
+    else:  # attached to a program: regions where its swap paths are
+        import atexit
+
+        region = None
+        _rooted.append(threading.Lock())
+        atexit.register(_remove_rooted_regions)
 
     modules = [importlib.import_module(f"deepspeed.runtime.swap_tensor.{m}") for m in SWAP_MODULES]
     _require(modules[0], "swap_in_tensors")
@@ -269,7 +308,7 @@ def install(knobs, context):
         for buffer, path in zip(buffers, paths):
             submit_write(handle, buffer, path)
 
-    if region.device:
+    if region is not None and region.device:
         _count_sync_reads_in_wait()
     _write_files_for_checkpoints()
 
@@ -290,7 +329,7 @@ def _write_files_for_checkpoints():
 
     def save_checkpoint(self, *args, **kwargs):
         swapper = getattr(self.optimizer, "optimizer_swapper", None)
-        files = ACTIVE.write_files(swapper.swap_folder) if swapper is not None else []
+        files = extents_for(swapper.swap_folder).write_files(swapper.swap_folder) if swapper is not None else []
         try:
             return original_save(self, *args, **kwargs)
         finally:
@@ -304,7 +343,7 @@ def _write_files_for_checkpoints():
     original_reset = _require(zero_cls, "reset_swap_buffers")
 
     def reset_swap_buffers(self):
-        ACTIVE.take_files(self.optimizer_swapper.swap_folder)
+        extents_for(self.optimizer_swapper.swap_folder).take_files(self.optimizer_swapper.swap_folder)
         return original_reset(self)
 
     patching.replace(zero_cls, "reset_swap_buffers", reset_swap_buffers)
