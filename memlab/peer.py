@@ -61,8 +61,8 @@ def outcomes(junit_xml):
 
 
 def run_suite(checkout, tests, keywords, spec, junit_xml):
-    command = [sys.executable, "-m", "pytest", "-p", "memlab.peer", "-q", "-m", MARKERS, "-k", keywords,
-               "--junitxml", junit_xml, *tests]
+    command = [sys.executable, "-m", "pytest", "-p", "memlab.peer", "-q", "-m", MARKERS,
+               *(["-k", keywords] if keywords else []), "--junitxml", junit_xml, *tests]
     if spec:
         command.append(f"--memlab-switches={spec}")
     print(f"peer: {'stock' if not spec else spec}: {' '.join(command[3:])}", file=sys.stderr, flush=True)
@@ -91,12 +91,17 @@ def difference(stock, switched):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m memlab.peer", description=__doc__.split("\n\n")[2])
     parser.add_argument("checkout", help="a DeepSpeed source checkout (its tests/ folder is used)")
-    parser.add_argument("tests", nargs="*", default=list(DEFAULT_TESTS), help="test paths in the checkout")
+    parser.add_argument("tests", nargs="*", help="test paths in the checkout (default: DeepSpeed's ZeRO-3 offload "
+                                                 "tests, narrowed by the default -k)")
     parser.add_argument("--switches", default="all",
                         help="switch sets to compare with stock, separated by ';' (default: all)")
-    parser.add_argument("-k", dest="keywords", default=DEFAULT_KEYWORDS, help="pytest -k expression")
+    parser.add_argument("-k", dest="keywords", default=None,
+                        help=f"pytest -k expression (default without named tests: {DEFAULT_KEYWORDS!r})")
     parser.add_argument("--out", default="peer-out", help="folder for the JUnit XML of each mode")
     args = parser.parse_args(argv)
+    if not args.tests:  # named tests run as named; the default selection is narrowed to ZeRO-3 offload
+        args.tests = list(DEFAULT_TESTS)
+        args.keywords = args.keywords or DEFAULT_KEYWORDS
     checkout = os.path.abspath(args.checkout)
     if not os.path.isfile(os.path.join(checkout, "tests", "conftest.py")):
         parser.error(f"{checkout}: not a DeepSpeed checkout (no tests/conftest.py)")
@@ -111,6 +116,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     out = os.path.abspath(args.out)
     stock = run_suite(checkout, args.tests, args.keywords, None, os.path.join(out, "stock.xml"))
+    if not stock:  # a comparison of nothing is no evidence
+        raise SystemExit("peer: no test was selected (check the test paths and -k)")
     results = {spec: run_suite(checkout, args.tests, args.keywords, spec,
                                os.path.join(out, f"{spec.replace(',', '+')}.xml")) for spec in specs}
     print(f"\n{'mode':36s} {'passed':>7s} {'failed':>7s} {'error':>7s} {'skipped':>8s}")
