@@ -590,7 +590,7 @@ class ResolvedKnobs:
                             f"elements), which cannot be streamed; raise it or lower sub_group_size")
         values["memascend.staging_elements"] = plan["bound"]
         self.staging_plan = plan
-        for optimization in OPTIMIZATIONS:  # the environment a switch runs on (the pinning backend)
+        for optimization in OPTIMIZATIONS:  # the environment a switch runs on (pinning backend, heap)
             if values.get(optimization.switch) == optimization.optimized:
                 values.update({f"allocator.{name}": value for name, value in optimization.environment})
         self.values = values

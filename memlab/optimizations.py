@@ -14,7 +14,7 @@ swapper's buffers, and the probes wrap what all of them patched.
 Standard library only (the parent validates without importing DeepSpeed).
 """
 from dataclasses import dataclass
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 from .errors import KnobError
 
@@ -25,9 +25,10 @@ class Optimization:
     stock: str  # DeepSpeed's own behaviour
     optimized: str
     doc: str
-    installer: str  # module of memlab.engine.memascend with install(knobs, context)
+    installer: Optional[str]  # module of memlab.engine.memascend with install(knobs, context); None: env only
     checks: Tuple[Callable, ...] = ()  # check(resolved knobs): raise KnobError for what it cannot run
-    environment: Tuple[Tuple[str, str], ...] = ()  # variables the engine's process needs set, when optimized
+    # variables the engine's process starts with, when optimized (each also an allocator.* knob)
+    environment: Tuple[Tuple[str, object], ...] = ()
 
 
 def _check_storage_device(r):
@@ -68,5 +69,11 @@ OPTIMIZATIONS = (
     Optimization("memascend.pool", "fixed", "adaptive",
                  "parameter swap buffers sized by the partitions that use them, grown on demand",
                  "adaptive_pool", (_check_adaptive_gds,)),
+    # glibc's default threshold rises to the largest block freed (up to 32 MiB), so freed tensors below it
+    # stay in the heap as free chunks (heap_free) whose total depends on the order of frees
+    Optimization("memascend.heap", "dynamic", "fixed",
+                 "glibc's mmap threshold fixed at 1 MiB: every tensor of 1 MiB or more is mapped on its own and "
+                 "returned to the system when freed, instead of leaving free chunks in the heap",
+                 None, environment=(("MALLOC_MMAP_THRESHOLD_", 1 << 20),)),
 )
 BY_SWITCH = {o.switch: o for o in OPTIMIZATIONS}

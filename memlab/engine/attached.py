@@ -48,7 +48,7 @@ def environment(spec, env=None):
     env[ENV] = spec
     for optimization in OPTIMIZATIONS:
         if values[optimization.switch] == optimization.optimized:
-            env.update(dict(optimization.environment))
+            env.update({name: str(value) for name, value in optimization.environment})
     package_root = os.path.dirname(os.path.dirname(SITE_DIR))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [SITE_DIR, package_root, env.get("PYTHONPATH")]))
     oplocks.use_extensions_root(env)  # the ops set-up built

@@ -19,6 +19,7 @@ SWITCH_HOOKS = {
     "memascend.grad_checks": (optimizer_transients,),
     "memascend.pinning": (pin_backend,),
     "memascend.storage": (nvme_bytes,),
+    "memascend.heap": (heap_free,),  # through allocator.MALLOC_MMAP_THRESHOLD_, which the switch sets
 }
 
 

@@ -88,6 +88,14 @@ def test_direct_storage_creates_one_region_instead_of_a_file_per_tensor(runs):
 
 
 @pytest.mark.engine
+def test_fixed_heap_threshold_returns_freed_tensors_to_the_system(runs):
+    # With glibc's dynamic threshold a freed tensor below the largest block freed so far stays in the heap
+    # as free chunks; fixed at 1 MiB, every tensor of 1 MiB or more is its own mapping, unmapped when freed.
+    free = {name: runs[name].summary["components_at_peak"][C.HEAP_FREE] for name in ("stock", "memascend.heap")}
+    assert free["memascend.heap"] < free["stock"], free
+
+
+@pytest.mark.engine
 def test_switches_report_what_was_installed(runs):
     for name in MEMASCEND_SWITCHES:
         assert any(name in message for message in runs[name].logs), name

@@ -82,6 +82,21 @@ def test_engine_memascend_turns_every_switch_on():
     assert one.engine == "custom"
 
 
+def test_fixed_heap_sets_the_threshold_for_the_worker_the_estimate_and_an_attached_program():
+    from memlab.engine import attached
+    from memlab.sizing import estimate
+
+    model = ModelSpec.resolve("small-llama")
+    fixed = Knobs({"memascend.heap": "fixed"}).resolve(model)
+    assert fixed["allocator.MALLOC_MMAP_THRESHOLD_"] == 1 << 20
+    assert Knobs().resolve(model)["allocator.MALLOC_MMAP_THRESHOLD_"] is None
+    assert attached.environment("memascend.heap", {})["MALLOC_MMAP_THRESHOLD_"] == str(1 << 20)
+    # the estimate applies the same rule: blocks of 1 MiB or more leave no free chunks behind
+    at_step = {k: estimate(model, Knobs(knobs)).phases["optimizer_step"]["heap_free"]
+               for k, knobs in (("dynamic", {}), ("fixed", {"memascend.heap": "fixed"}))}
+    assert at_step["fixed"] < at_step["dynamic"], at_step
+
+
 # ------------------------------------------------------------------ direct storage
 
 def aio_handle():
