@@ -16,9 +16,7 @@ def install(knobs, context):
     installed = []
     for optimization in OPTIMIZATIONS:
         if knobs[optimization.switch] == optimization.optimized:
-            if optimization.installer is None:  # the process's environment is the whole switch
-                installed.append(optimization.switch)
-                continue
-            importlib.import_module(f"{__name__}.{optimization.installer}").install(knobs, context)
+            if optimization.installer is not None:  # None: the process's environment is the whole switch
+                importlib.import_module(f"{__name__}.{optimization.installer}").install(knobs, context)
             installed.append(optimization.switch)
     return installed
