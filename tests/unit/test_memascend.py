@@ -97,6 +97,18 @@ def test_fixed_heap_sets_the_threshold_for_the_worker_the_estimate_and_an_attach
     assert at_step["fixed"] < at_step["dynamic"], at_step
 
 
+def test_fixed_heap_refuses_a_threshold_the_user_chose():
+    model = ModelSpec.resolve("small-llama")
+    knob = "allocator.MALLOC_MMAP_THRESHOLD_"
+    with pytest.raises(KnobError, match=rf"{knob}.*memascend.heap=fixed sets it to {1 << 20}"):
+        Knobs({"memascend.heap": "fixed", knob: 4 << 20}).resolve(model)
+    with pytest.raises(KnobError, match=knob):
+        Knobs({knob: 4 << 20}, engine="memascend").resolve(model)
+    # the switch off, or the value the switch sets: the user's choice stands
+    assert Knobs({"memascend.heap": "dynamic", knob: 4 << 20}).resolve(model)[knob] == 4 << 20
+    assert Knobs({"memascend.heap": "fixed", knob: 1 << 20}).resolve(model)[knob] == 1 << 20
+
+
 # ------------------------------------------------------------------ direct storage
 
 def aio_handle():
