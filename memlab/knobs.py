@@ -551,16 +551,6 @@ def _merge(base, over):
 
 # ------------------------------------------------------------------ resolved
 
-def _set_switch_environment(values, switch, knob, value):
-    """A switch that runs on an allocator setting sets it, unless the user chose
-    another value: that is a conflict, refused rather than overwritten."""
-    given = values[knob]
-    if given != SPEC_BY_NAME[knob].default and _coerce(SPEC_BY_NAME[knob], value) != given:
-        raise KnobError(knob, given, f"{switch}={values[switch]} sets it to {value}; "
-                                     f"set {switch}={MEMASCEND_SWITCHES[switch][0]} to choose another value")
-    values[knob] = _coerce(SPEC_BY_NAME[knob], value)
-
-
 def partition_numels(model):
     """Elements per parameter partition on one rank (ZeRO-3 partitions every
     parameter; persistent ones stay whole, which is the same count)."""
@@ -603,7 +593,10 @@ class ResolvedKnobs:
         for optimization in OPTIMIZATIONS:  # the environment a switch runs on (pinning backend, heap)
             if values.get(optimization.switch) == optimization.optimized:
                 for name, value in optimization.environment:
-                    _set_switch_environment(values, optimization.switch, f"allocator.{name}", value)
+                    knob = f"allocator.{name}"
+                    given = values[knob]
+                    optimization.check_environment(knob, name, None if given == SPEC_BY_NAME[knob].default else given)
+                    values[knob] = _coerce(SPEC_BY_NAME[knob], value)
         self.values = values
         self.largest_partition = largest
         self.num_params = model.num_params

@@ -30,6 +30,14 @@ class Optimization:
     # variables the engine's process starts with, when optimized (each also an allocator.* knob)
     environment: Tuple[Tuple[str, object], ...] = ()
 
+    def check_environment(self, knob, name, given):
+        """Refuse a value `given` by hand (None: nothing given) for the variable `name` this
+        switch sets: the switch would overwrite it. `knob` is how the user named it."""
+        value = dict(self.environment)[name]
+        if given is not None and str(given) != str(value):
+            raise KnobError(knob, given, f"{self.switch}={self.optimized} sets it to {value}; "
+                                         f"set {self.switch}={self.stock} to choose another value")
+
 
 def _check_storage_device(r):
     device = r.values.get("memascend.storage_device")

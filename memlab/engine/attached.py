@@ -48,7 +48,9 @@ def environment(spec, env=None):
     env[ENV] = spec
     for optimization in OPTIMIZATIONS:
         if values[optimization.switch] == optimization.optimized:
-            env.update({name: str(value) for name, value in optimization.environment})
+            for name, value in optimization.environment:
+                optimization.check_environment(name, name, env.get(name))  # a different value there: refused
+                env[name] = str(value)
     package_root = os.path.dirname(os.path.dirname(SITE_DIR))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [SITE_DIR, package_root, env.get("PYTHONPATH")]))
     oplocks.use_extensions_root(env)  # the ops set-up built

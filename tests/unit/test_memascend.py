@@ -107,6 +107,13 @@ def test_fixed_heap_refuses_a_threshold_the_user_chose():
     # the switch off, or the value the switch sets: the user's choice stands
     assert Knobs({"memascend.heap": "dynamic", knob: 4 << 20}).resolve(model)[knob] == 4 << 20
     assert Knobs({"memascend.heap": "fixed", knob: 1 << 20}).resolve(model)[knob] == 1 << 20
+    # a program memlab attaches to: a threshold in its own environment is refused the same way
+    from memlab.engine import attached
+
+    with pytest.raises(KnobError, match="MALLOC_MMAP_THRESHOLD_='4194304': memascend.heap=fixed sets it to"):
+        attached.environment("memascend.heap", {"MALLOC_MMAP_THRESHOLD_": str(4 << 20)})
+    assert attached.environment("memascend.heap", {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})[
+        "MALLOC_MMAP_THRESHOLD_"] == str(1 << 20)
 
 
 # ------------------------------------------------------------------ direct storage
