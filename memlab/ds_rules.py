@@ -12,6 +12,7 @@ another library's, that library's file), so a new DeepSpeed release is
 checked against one module.
 """
 import functools
+import math
 import os
 
 # ----------------------------------------------------------------------------- dtypes
@@ -64,6 +65,17 @@ def swappable(numel, element_size, block_size):
     return numel * element_size >= min_swap_bytes(block_size)
 
 
+def swapped_gradient_numel(numel, block_size, intra_op_parallelism=1):
+    """Elements of an fp32 gradient (piece) of `numel` that DeepSpeed writes to NVMe:
+    deepspeed/runtime/swap_tensor/optimizer_utils.py OptimizerSwapper._swap_out_gradients, after
+    _adjust_for_misaligned_lengths splits a swappable tensor into its aligned part and a remainder;
+    each is then swapped only if swappable, so the remainder (and a tensor below the floor) stays in RAM."""
+    if not swappable(numel, FP32, block_size):
+        return 0
+    aligned = numel - numel % numel_alignment(FP32, intra_op_parallelism)
+    return aligned if swappable(aligned, FP32, block_size) else 0
+
+
 def min_swap_numel(element_size, block_size):
     """The fewest elements a swapped tensor has: `swappable` as an element count
     (numel >= this exactly when swappable(numel, element_size, block_size))."""
@@ -108,6 +120,30 @@ def largest_sub_group(numels, sub_group_size):
     return best
 
 
+O_DIRECT_ALIGNMENT = 512  # bytes: the smallest logical block size Linux's O_DIRECT accepts memory at
+
+
+def stale_gradient_reads(numels, sub_group_size, block_size, intra_op_parallelism=1):
+    """Indices of the parameters whose swapped fp32 gradient stock DeepSpeed 0.19.8 reads into
+    unaligned memory: deepspeed/runtime/swap_tensor/partitioned_optimizer_swapper.py
+    _swap_in_pinned_gradients reads each gradient file into the sub-group's pinned buffer at the
+    parameter's offset in the sub-group. aio opens the file with O_DIRECT, and where that offset is
+    not a multiple of O_DIRECT_ALIGNMENT bytes the read fails without an error: the buffer keeps what
+    it held and Adam steps the parameter on it (measured with DeepSpeed's aio op itself,
+    tests/engine/test_memascend_runs.py)."""
+    stale, index = [], 0
+    for group in sub_groups(numels, sub_group_size):
+        offset = 0
+        for numel in group:
+            if (swappable(sum(group), FP32, block_size) and swapped_gradient_numel(numel, block_size,
+                                                                                intra_op_parallelism)
+                    and offset * FP32 % O_DIRECT_ALIGNMENT):
+                stale.append(index)
+            offset += numel
+            index += 1
+    return stale
+
+
 # ----------------------------------------------------------------------------- module gather groups
 
 def module_groups(names):
@@ -137,53 +173,97 @@ def largest_module_group(names):
 
 # ----------------------------------------------------------------------------- bounded optimizer staging
 
-MIN_STAGING_ELEMENTS = 1 << 22  # below this, streaming a slice costs more in I/O calls than it saves
+DEFAULT_STAGING_ELEMENTS = 1 << 22  # auto bound: 16 MiB fp32 buffers; fewer elements cost more I/O calls per step
 STAGING_ALIGNMENT = 1024  # elements: 4 KiB in fp32, 2 KiB in bf16, O_DIRECT-safe for either
 
 
-def streamed_sub_group(parameters, numel, bound):
-    """Is a sub-group of `parameters` parameters and `numel` elements streamed
-    through `bound`-element staging slices (memascend.optimizer_staging=bounded)?
-    Only one of a single parameter above the bound: DeepSpeed's stage3.py
-    steps a sub-group whole (DeepSpeedZeroOptimizer_Stage3._optimizer_step), and
-    memlab.engine.memascend.bounded_staging replaces that for these alone."""
-    return parameters == 1 and numel > bound
+def staging_alignment(intra_op_parallelism=1):
+    """Elements every staging slice starts at a multiple of: STAGING_ALIGNMENT, and twice the
+    largest element alignment of a swapped parameter (numel_alignment of a 2-byte dtype), so a
+    parameter's write (whole aligned blocks) is at most one slice plus one alignment. It is also
+    a multiple of CPU Adam's vector width, so each element is updated by the same instructions as
+    in the whole-sub-group step (bit-identical)."""
+    return math.lcm(STAGING_ALIGNMENT, 2 * numel_alignment(2, intra_op_parallelism))
 
 
-def staging_plan(numels, sub_group_size, staging_elements="auto"):
+def streamed_sub_group(numel, block_size):
+    """Is a sub-group of `numel` elements stepped by bounded staging in slices
+    (memascend.optimizer_staging=bounded)? Every one whose optimizer state DeepSpeed swaps
+    (stage3.py DeepSpeedZeroOptimizer_Stage3._swappable_optimizer_subgroup: `swappable` in fp32),
+    of one parameter or many, larger than the bound or not: memlab.engine.memascend.bounded_staging
+    replaces DeepSpeed's whole-sub-group step (_optimizer_step and the swaps around it) for these."""
+    return swappable(numel, FP32, block_size)
+
+
+def staging_step(bound, intra_op_parallelism=1):
+    """Elements of one staging slice of a streamed sub-group: the bound less one alignment, which
+    is what a parameter's write may add before and after its elements in the slice."""
+    return bound - staging_alignment(intra_op_parallelism)
+
+
+def staging_slices(numel, bound, intra_op_parallelism=1):
+    """The slices [(first, end)] of a streamed sub-group of `numel` elements (its flat fp32
+    master, Adam states and gradient): consecutive, staging_step elements each but the last."""
+    step = staging_step(bound, intra_op_parallelism)
+    return [(first, min(first + step, numel)) for first in range(0, numel, step)]
+
+
+def gradient_pieces(offset, numel, group_numel, bound, intra_op_parallelism=1):
+    """A gradient of `numel` elements at `offset` in a streamed sub-group of `group_numel`, cut
+    where slices begin: [(offset, numel)] pieces, each inside one slice."""
+    cuts = [first for first, _ in staging_slices(group_numel, bound, intra_op_parallelism)
+            if offset < first < offset + numel]
+    edges = [offset] + cuts + [offset + numel]
+    return [(a, b - a) for a, b in zip(edges, edges[1:])]
+
+
+def parameter_writes(numels, bound, param_bytes, intra_op_parallelism=1):
+    """Per slice of a streamed sub-group of parameters (`numels`, in order), what is written of
+    each parameter's swap file: [[(param index, first, end, file_first, file_end)]], in the
+    parameter's own elements. The file is written in whole aligned blocks (O_DIRECT), so a write
+    starts at `first` rounded down and ends at `end` rounded up to the parameter's element
+    alignment; the block a slice's edge cuts is written again, whole, by the next slice."""
+    align = numel_alignment(param_bytes, intra_op_parallelism)
+    offsets = [sum(numels[:i]) for i in range(len(numels))]
+    writes = []
+    for first, end in staging_slices(sum(numels), bound, intra_op_parallelism):
+        writes.append([])
+        for index, (offset, numel) in enumerate(zip(offsets, numels)):
+            a, b = max(first, offset) - offset, min(end, offset + numel) - offset
+            if a < b:
+                writes[-1].append((index, a, b, a - a % align, -(-b // align) * align))
+    return writes
+
+
+def staging_plan(numels, sub_group_size, staging_elements="auto", intra_op_parallelism=1, block_size=MIN_AIO_BYTES):
     """Bounded optimizer staging (memascend.optimizer_staging=bounded), memlab's
     rule on DeepSpeed's sub-groups (sub_groups above), applied by
     memlab.engine.memascend.bounded_staging.
 
-    Returns {"bound": B, "streamed": [sub-group indices], "largest_kept_group": numels,
-    "largest_multi_group": elements}.
-    auto B: the largest sub-group of more than one parameter (those cannot be
-    streamed), else the largest sub-group smaller than the largest; never below
-    MIN_STAGING_ELEMENTS unless the largest sub-group is smaller. A sub-group
-    that is one parameter of more than B elements is streamed through B-element
-    slices (streamed_sub_group); the others keep DeepSpeed's whole-sub-group path."""
-    return staging_plan_of_groups(sub_groups(numels, sub_group_size), staging_elements)
+    Returns {"bound": B, "streamed": [sub-group indices], "largest_kept_group": numels}.
+    auto B: the largest swapped sub-group, at most DEFAULT_STAGING_ELEMENTS; a bound is rounded up
+    to the staging alignment and is at least two of it. Every sub-group whose optimizer state is
+    swapped is streamed through B-element buffers in slices (streamed_sub_group), so the optimizer
+    pool's buffers are B elements however large sub_group_size or the largest tensor is, and no
+    sub-group's parameters go through the partitioned swap buffer; the largest sub-group kept (its
+    optimizer state too small to swap, stepped in RAM by DeepSpeed) sizes that buffer."""
+    return staging_plan_of_groups(sub_groups(numels, sub_group_size), staging_elements, intra_op_parallelism,
+                                  block_size)
 
 
-def staging_plan_of_groups(groups, staging_elements="auto"):
+def staging_plan_of_groups(groups, staging_elements="auto", intra_op_parallelism=1, block_size=MIN_AIO_BYTES):
     """staging_plan on sub-groups already made (lists of numels): what the engine
     patch derives from the sub-groups DeepSpeed built."""
     sizes = [sum(g) for g in groups]
-    largest = max(sizes)
-    if staging_elements == "auto":
-        multi = [s for g, s in zip(groups, sizes) if len(g) > 1]
-        smaller = [s for s in sizes if s < largest]
-        bound = max(multi) if multi else (max(smaller) if smaller else largest)
-        bound = min(largest, max(bound, MIN_STAGING_ELEMENTS))
-    else:
-        bound = int(staging_elements)
-    bound = -(-bound // STAGING_ALIGNMENT) * STAGING_ALIGNMENT
-    streamed = [i for i, (g, s) in enumerate(zip(groups, sizes)) if streamed_sub_group(len(g), s, bound)]
+    streamed = [i for i, s in enumerate(sizes) if streamed_sub_group(s, block_size)]
+    largest = max([sizes[i] for i in streamed] or sizes)
+    bound = min(largest, DEFAULT_STAGING_ELEMENTS) if staging_elements == "auto" else int(staging_elements)
+    alignment = staging_alignment(intra_op_parallelism)
+    bound = max(2 * alignment, -(-bound // alignment) * alignment)
     kept = [i for i in range(len(groups)) if i not in streamed]
     keep = max(kept, key=lambda i: sizes[i]) if kept else None
     return {"bound": bound, "streamed": streamed,
-            "largest_kept_group": groups[keep] if keep is not None else [min(bound, largest)],
-            "largest_multi_group": max([s for g, s in zip(groups, sizes) if len(g) > 1], default=0)}
+            "largest_kept_group": groups[keep] if keep is not None else []}
 
 
 # ----------------------------------------------------------------------------- gradient checks

@@ -18,8 +18,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
-from .ds_rules import (DTYPE_BYTES, FP32, aligned_numel, largest_module_group, largest_sub_group, staging_plan,
-                       swappable)
+from .ds_rules import (DTYPE_BYTES, FP32, aligned_numel, largest_module_group, largest_sub_group, stale_gradient_reads,
+                       staging_plan, swappable)
 from .ds_rules import cpu_fp16_supported as _cpu_fp16_supported  # module globals, so that tests can replace them
 from .ds_rules import cuda_present as _cuda_present
 from .errors import KnobError
@@ -154,8 +154,9 @@ SPECS = [
     _k("run.sample_hz", 13.0, "float", "sampler frequency", minimum=1.0, maximum=50.0),
     # --- memascend settings that are not on/off switches
     _k("memascend.staging_elements", AUTO, "int",
-       "staging bound of memascend.optimizer_staging=bounded, in elements; auto = the largest sub-group of more "
-       "than one parameter", minimum=1024, auto=True),
+       "staging bound of memascend.optimizer_staging=bounded, in elements: every swapped sub-group is stepped "
+       "in slices through buffers of this size; auto = the largest sub-group, at most 4194304", minimum=2048,
+       auto=True),
     _k("memascend.storage_device", None, "path",
        "raw block device for memascend.storage=direct (used only when named; its contents are overwritten)",
        optional=True),
@@ -583,11 +584,8 @@ class ResolvedKnobs:
                 values[name] = largest
                 self.from_auto[name] = f"memlab: the largest parameter partition = {largest}"
         plan = staging_plan(partition_numels(model), values["zero_optimization.sub_group_size"],
-                            values["memascend.staging_elements"])
-        if values["memascend.staging_elements"] != AUTO and plan["bound"] < plan["largest_multi_group"]:
-            raise KnobError("memascend.staging_elements", values["memascend.staging_elements"],
-                            f"smaller than the largest sub-group of several parameters ({plan['largest_multi_group']} "
-                            f"elements), which cannot be streamed; raise it or lower sub_group_size")
+                            values["memascend.staging_elements"], values["aio.intra_op_parallelism"],
+                            values["aio.block_size"])
         values["memascend.staging_elements"] = plan["bound"]
         self.staging_plan = plan
         for optimization in OPTIMIZATIONS:  # the environment a switch runs on (pinning backend, heap)
@@ -705,11 +703,12 @@ def swapped_tensors(r):
 class Risk:
     """A configuration DeepSpeed runs on some models and asserts on others, in a way memlab cannot yet
     decide from the model: Lab.run warns and runs it; if DeepSpeed then asserts with `crash` in its
-    message, the run's error carries this explanation."""
+    message, the run's error carries this explanation. `crash` None: DeepSpeed runs it, with a wrong
+    result it does not report (a warning is all memlab can give)."""
     knob: str
     value: Any
     reason: str
-    crash: str  # a piece of DeepSpeed's assert message
+    crash: Optional[str]  # a piece of DeepSpeed's assert message
 
     def __str__(self):
         return f"{self.knob}={self.value!r}: {self.reason}"
@@ -769,6 +768,23 @@ def _risk_resume_swapped_params_cpu_optimizer(r):
                     "raise offload_param.max_in_cpu to hold every parameter, or keep the optimizer on NVMe",
                     "'NoneType' object has no attribute 'data'")
     return None
+
+
+def _risk_stale_gradients(r):
+    if r["zero_optimization.offload_optimizer.device"] != "nvme" or \
+            r.values.get("memascend.optimizer_staging") == "bounded":
+        return None
+    tensors = r.model.tensors()
+    stale = stale_gradient_reads([t.numel for t in tensors], r["zero_optimization.sub_group_size"],
+                                 r["aio.block_size"], r["aio.intra_op_parallelism"])
+    if not stale:
+        return None
+    return Risk("zero_optimization.offload_optimizer.device", "nvme",
+                f"DeepSpeed 0.19.8 reads the swapped gradients of {len(stale)} of {len(tensors)} parameters "
+                f"({tensors[stale[0]].name} first) with O_DIRECT into pinned memory that is not 512-byte "
+                f"aligned (their offsets in their sub-groups); that read fails without an error and Adam steps "
+                f"them on stale buffer contents, so the run trains, wrongly. memascend.optimizer_staging=bounded "
+                f"reads them aligned", crash=None)
 
 
 def _check_optimizer_buffers(r):
@@ -845,4 +861,4 @@ def _check_gds(r):
 CHECKS = [_check_param_buffer_size, _check_optimizer_buffers, _check_param_buffer_count, _check_fast_init,
           _check_dtype, _check_gds, _check_checkpoints] + [check for o in OPTIMIZATIONS for check in o.checks]
 RISKS = [_risk_live_parameters, _risk_reuse_distance, _risk_pipelined_buffers,
-         _risk_resume_swapped_params_cpu_optimizer]
+         _risk_resume_swapped_params_cpu_optimizer, _risk_stale_gradients]

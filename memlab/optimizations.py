@@ -65,8 +65,8 @@ OPTIMIZATIONS = (
                  "all swapped tensors at fixed offsets in one preallocated region instead of a file each",
                  "direct_storage", (_check_storage_device,)),
     Optimization("memascend.optimizer_staging", "stock", "bounded",
-                 "a one-parameter sub-group larger than the staging bound (the embedding) is stepped slice by slice "
-                 "through bounded buffers; no full-size first-step copy",
+                 "every sub-group larger than the staging bound is stepped slice by slice through bounded "
+                 "buffers; no full-size first-step copy",
                  "bounded_staging", (_check_bounded_staging,)),
     Optimization("memascend.grad_checks", "stock", "fused",
                  "overflow check and gradient norm in bounded slices, no buffer-sized temporaries",

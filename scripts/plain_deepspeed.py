@@ -1,14 +1,16 @@
 """Plain DeepSpeed ZeRO-3 training, nothing of memlab in the process: the
 reference memlab's refusals are checked against.
 
-    python scripts/plain_deepspeed.py MODEL_CONFIG.json DS_CONFIG.json [--steps 3] [--seq-len 64]
+    python scripts/plain_deepspeed.py MODEL_CONFIG.json DS_CONFIG.json [--steps 3] [--seq-len 64] [--masters]
 
 Builds the model as a Hugging Face Trainer script does (transformers'
 `from_config` while an `HfDeepSpeedConfig` is live: the model is created
 under `deepspeed.zero.Init` and its weights are initialized partition by
 partition), trains `--steps` steps on random token ids (seed 0) with
 `engine.backward` and `engine.step`, and prints one JSON line:
-{"ok": true, "losses": [...]} or {"ok": false, "step": N, "phase": ..., "error": "..."}.
+{"ok": true, "losses": [...]} or {"ok": false, "step": N, "phase": ..., "error": "..."}; with
+--masters, "masters": {parameter name: its fp32 master weights after training, as hex of their bytes'
+SHA-256} (deepspeed.utils.safe_get_full_fp32_param).
 The swap folder is the ds_config's nvme_path; the script creates it if needed
 and removes nothing. Run it on a single rank (it sets the rendezvous
 variables itself when they are missing).
@@ -26,6 +28,7 @@ def main(argv=None):
     parser.add_argument("ds_config")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--masters", action="store_true", help="print a digest of each fp32 master after training")
     args = parser.parse_args(argv)
     for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500"), ("RANK", "0"),
                         ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
@@ -71,7 +74,15 @@ def main(argv=None):
         print(json.dumps({"ok": False, "step": step, "phase": phase, "losses": losses,
                           "error": f"{type(exc).__name__}: {exc}", "traceback": tail}), flush=True)
         return 1
-    print(json.dumps({"ok": True, "losses": losses}), flush=True)
+    result = {"ok": True, "losses": losses}
+    if args.masters:
+        import hashlib
+
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        result["masters"] = {name: hashlib.sha256(safe_get_full_fp32_param(p).numpy().tobytes()).hexdigest()
+                             for name, p in engine.module.named_parameters()}
+    print(json.dumps(result), flush=True)
     return 0
 
 

@@ -182,7 +182,7 @@ class Worker:
                 f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
             error += f" (phase {self.phase}, step {self.step_index})"
             for risk in self.request.get("risks", []):  # what memlab warned about before the run
-                if risk["crash"] in error:
+                if risk["crash"] and risk["crash"] in error:
                     error += f"; memlab warned: {risk['knob']}={risk['value']!r}: {risk['reason']}"
             self.writer.emit("error", message=error, traceback="".join(traceback.format_exc()).splitlines()[-25:],
                              phase=self.phase, step=self.step_index)

@@ -18,7 +18,7 @@ names too. The what-if estimator is built on them and tests check measured
 runs against them.
 """
 from ..ds_rules import (AIO_ALIGNED_BYTES, DTYPE_BYTES, FP32, FUSED_CHUNK_ELEMENTS,  # noqa: F401 (re-exported)
-                        MIN_AIO_BYTES, MIN_STAGING_ELEMENTS, NORM_BUFFER_ELEMENTS, PAGE_BYTES, STAGING_ALIGNMENT,
+                        DEFAULT_STAGING_ELEMENTS, MIN_AIO_BYTES, NORM_BUFFER_ELEMENTS, PAGE_BYTES, STAGING_ALIGNMENT,
                         aligned_numel, largest_sub_group, min_swap_bytes, min_swap_numel, module_groups, page_round,
                         partition_numel, pow2_round, staging_plan, streamed_sub_group, sub_groups, swappable)
 from ..units import GiB, MiB, format_bytes  # noqa: F401 (re-exported)

@@ -2,7 +2,7 @@
 the Layout (and, where a MemAscend switch changes the component, that switch's
 value) and returns the Buffers in allocation order."""
 from .. import components as C
-from ..ds_rules import FP32, aligned_numel, page_round, pow2_round, streamed_sub_group
+from ..ds_rules import FP32, aligned_numel, page_round, pow2_round
 from .layout import bounded
 from .result import Buffer
 
@@ -83,16 +83,18 @@ def param_cpu_flat(layout):
 def partition_buffer(layout, staging="stock"):
     """The partitioned swap buffer (stage3 reserve_partitioned_swap_space): the largest sub-group's whole
     parameters, aligned; only while parameters really swap. Hook of memascend.optimizer_staging: `bounded`
-    streams a one-parameter sub-group above the bound, so the largest sub-group it keeps sizes the buffer."""
+    streams every swapped sub-group and writes its parameters from the staging buffers, so the largest
+    sub-group whose optimizer state is not swapped sizes the buffer (none when there is none)."""
     if not (layout.params_nvme and layout.real_swapping):
         return []
     e, index = layout.element, layout.largest_group
     largest = layout.groups[index]
     start = sum(len(g) for g in layout.groups[:index])
     numels = layout.full[start:start + len(largest)] if layout.world > 1 else largest
-    if bounded(layout, staging) and streamed_sub_group(len(largest), sum(largest),
-                                                       layout.values["memascend.staging_elements"]):
+    if bounded(layout, staging):  # only sub-groups whose optimizer state stays in RAM use it
         numels = layout.resolved.staging_plan["largest_kept_group"]
+        if not numels:
+            return []
     nbytes = sum(aligned_numel(n, e, layout.io) for n in numels) * e
     return [Buffer(C.PARAM_PARTITION_BUFFER, nbytes, page_round(nbytes), "aio-mlock", "largest sub-group's partitions")]
 

@@ -5,7 +5,7 @@ sub-groups keep their optimizer state in RAM). The rules themselves are
 memlab.ds_rules'."""
 from dataclasses import dataclass
 
-from ..ds_rules import (DTYPE_BYTES, FP32, min_swap_numel, module_groups, partition_numel, streamed_sub_group, sub_groups,
+from ..ds_rules import (DTYPE_BYTES, FP32, min_swap_numel, module_groups, partition_numel, sub_groups,
                         swappable)
 
 
@@ -45,10 +45,9 @@ def bounded(layout, staging):
 
 
 def kept_groups(layout, staging):
-    """Swapped sub-groups stepped whole: all but those bounded staging streams in slices."""
-    bound = layout.values["memascend.staging_elements"]
-    return [i for i in layout.swappable_groups if not (bounded(layout, staging) and streamed_sub_group(
-        len(layout.groups[i]), layout.group_sizes[i], bound))]
+    """Swapped sub-groups stepped whole by DeepSpeed: all of them, or none where bounded staging
+    streams them (ds_rules.streamed_sub_group: every swapped one)."""
+    return [] if bounded(layout, staging) else list(layout.swappable_groups)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """What goes to NVMe: the swap files' footprint, and the bytes read and
 written through them per training step."""
-from ..ds_rules import FP32, aligned_numel, min_swap_numel, streamed_sub_group, sub_groups, swappable
+from ..ds_rules import (FP32, aligned_numel, gradient_pieces, parameter_writes, staging_slices, sub_groups, swappable,
+                        swapped_gradient_numel)
 from .layout import bounded
 
 
@@ -53,27 +54,41 @@ def swap_per_step(layout, staging="stock"):
     """Bytes through the swap files per training step, by direction and kind, as the probes count them
     (`swap_by_kind`): (steady state, first step). Parameters (partitioned_param_swapper) only while they
     really swap; per swapped sub-group its three fp32 states and its gradients (optimizer swappers;
-    gradients below the swap floor stay in RAM). Hook of memascend.optimizer_staging: `bounded` reads and
-    writes a streamed sub-group in bound-sized slices (bounded_staging)."""
+    gradient remainders and gradients below the swap floor stay in RAM). Hook of
+    memascend.optimizer_staging: `bounded` reads and writes every swapped sub-group in slices, its
+    gradients in pieces cut where slices begin, and its parameters in whole aligned blocks (bounded_staging)."""
     out = {}
     e, io = layout.element, layout.io
+    written = {}  # partition index: parameter bytes written at the optimizer step
+    uses = {}
     if layout.real_swapping:
         uses = _param_fetches(layout)
-        aligned = {i: aligned_numel(layout.parts[i], e, io) * e for i in uses}
-        out["in.param"] = sum(aligned[i] * uses[i] for i in uses)
-        out["out.param"] = sum(aligned.values())
+        written = {i: aligned_numel(layout.parts[i], e, io) * e for i in uses}
+        out["in.param"] = sum(written[i] * uses[i] for i in uses)
     bound = layout.values["memascend.staging_elements"]
-    grad_floor = min_swap_numel(FP32, layout.values["aio.block_size"])  # fp32 gradients below this stay in RAM
+    block_size = layout.values["aio.block_size"]
     streams = bounded(layout, staging)
     grad_bytes = opt_bytes = 0
+    starts = [sum(len(g) for g in layout.groups[:i]) for i in range(len(layout.groups))]
     for i in layout.swappable_groups:
         group, size = layout.groups[i], layout.group_sizes[i]
-        if streams and streamed_sub_group(len(group), size, bound):  # read and written in bound-sized slices
-            pieces = grads = [min(bound, size - start) for start in range(0, size, bound)]
+        if streams:  # every swapped sub-group (ds_rules.streamed_sub_group)
+            opt_bytes += sum(aligned_numel(end - first, FP32, io) for first, end in staging_slices(size, bound, io))
+            offsets = [sum(group[:j]) for j in range(len(group))]
+            grads = [length for offset, numel in zip(offsets, group)
+                     for _, length in gradient_pieces(offset, numel, size, bound, io)]
+            blocks = {}  # each parameter's writes, whole aligned blocks, instead of its whole partition
+            for writes in parameter_writes(group, bound, e, io):
+                for j, _, _, file_first, file_end in writes:
+                    blocks[starts[i] + j] = blocks.get(starts[i] + j, 0) + (file_end - file_first) * e
+            written.update({index: nbytes for index, nbytes in blocks.items() if index in written})
         else:
-            pieces, grads = [size], group  # one tensor per state; a gradient file per parameter
-        opt_bytes += sum(aligned_numel(p, FP32, io) for p in pieces) * FP32
-        grad_bytes += sum(aligned_numel(n, FP32, io) for n in grads if n >= grad_floor) * FP32
+            opt_bytes += aligned_numel(size, FP32, io)  # one tensor per state
+            grads = group  # a gradient file per parameter
+        grad_bytes += sum(swapped_gradient_numel(n, block_size, io) for n in grads) * FP32
+    opt_bytes *= FP32
+    if layout.real_swapping:
+        out["out.param"] = sum(written.values())
     if opt_bytes:
         out["out.optimizer"] = 3 * opt_bytes
         out["in.optimizer"] = 3 * opt_bytes

@@ -61,12 +61,18 @@ def test_bounded_staging_sizes_the_optimizer_pool_by_the_bound(runs):
     assert [a["requested"] for a in pool] == [bound * 4] * 4
     stock_pool = [a for a in runs["stock"].allocations if a["component"] == C.OPTIMIZER_POOL]
     assert all(a["requested"] == aligned_numel(model.largest_tensor.numel, 4) * 4 for a in stock_pool)
-    (partition,) = [a for a in runs["memascend.optimizer_staging"].allocations
-                    if a["component"] == C.PARAM_PARTITION_BUFFER]
-    assert partition["requested"] == sum(aligned_numel(n, 4) for n in knobs.staging_plan["largest_kept_group"]) * 4
-    # Same bytes through the files per step as stock: streaming moves the same data in slices.
-    assert runs["memascend.optimizer_staging"].summary["swap_write_bytes_per_step"] == \
-        runs["stock"].summary["swap_write_bytes_per_step"]
+    # every sub-group is streamed and writes its parameters from the staging buffers: no partition buffer
+    assert knobs.staging_plan["largest_kept_group"] == []
+    assert [a for a in runs["stock"].allocations if a["component"] == C.PARAM_PARTITION_BUFFER]
+    assert not [a for a in runs["memascend.optimizer_staging"].allocations
+                if a["component"] == C.PARAM_PARTITION_BUFFER]
+    # The bytes through the files per step are the estimate's: the same data as stock, in slices, less
+    # the gradient pieces a slice's start cuts below DeepSpeed's swap floor (those stay in RAM).
+    for name, knobs in (("stock", {}), ("memascend.optimizer_staging", {"memascend.optimizer_staging": "bounded"})):
+        predicted = estimate(STREAMED, knobs)
+        for step in (e for e in runs[name].events if e["kind"] == "step"):
+            want = predicted.swap_first_step if step["index"] == 1 else predicted.swap_per_step
+            assert {k: v for k, v in step["swap_by_kind"].items() if v} == want, (name, step["index"])
 
 
 @pytest.mark.engine
@@ -154,13 +160,91 @@ def test_partitions_brought_into_ram_at_init_match_stock(tmp_path):
     # assert counts the fixed pool's free buffers); exact pinning made the flat buffer memory the
     # aio handle reads into directly, and a partition at an unaligned address came back as zeros
     # (first loss ln(vocab), no learning). Both now read such partitions through a swap buffer.
+    # With every switch on, bounded staging reads the gradients stock misreads on this model (see
+    # test_bounded_staging_streams_sub_groups_of_many_parameters): that run's reference is the same
+    # engine with its optimizer on the CPU.
     in_ram = {"zero_optimization.offload_param.max_in_cpu": 1_000_000_000, "run.steps": 2}
     variants = {"stock": Knobs(in_ram), "pool": Knobs({**in_ram, "memascend.pool": "adaptive"}),
-                "pinning": Knobs({**in_ram, "memascend.pinning": "exact"}), "all": Knobs(in_ram, engine="memascend")}
+                "pinning": Knobs({**in_ram, "memascend.pinning": "exact"}), "all": Knobs(in_ram, engine="memascend"),
+                "reference": Knobs({**in_ram, "zero_optimization.offload_optimizer.device": "cpu"})}
     runs = run_together(Lab(tmp_path), [(knobs, UNALIGNED) for knobs in variants.values()])
     losses = {}
     for name, run in zip(variants, runs):
         assert run.summary["status"] == "ok", f"{name}: {run.summary['error']}"
         losses[name] = run.summary["losses"]
     assert len(losses["stock"]) == 2 and losses["stock"][1] != losses["stock"][0]  # it trains
-    assert all(got == losses["stock"] for got in losses.values()), losses
+    assert losses["pool"] == losses["pinning"] == losses["stock"], losses
+    assert losses["all"] == losses["reference"], losses
+
+
+@pytest.mark.engine
+def test_bounded_staging_streams_sub_groups_of_many_parameters(tmp_path):
+    """Every sub-group above the bound is streamed, of one parameter or many: with one sub-group of
+    the whole model and with several, the optimizer pool is buffer_count x the bound (locked bytes
+    independent of sub_group_size), and the losses are the optimizer's own, exactly, in fp32 and in
+    bf16. The reference is the same engine with its optimizer on the CPU (the same CPU Adam, no
+    swapping), not stock with the optimizer on NVMe: on this model (hidden 1000, so most parameters
+    start at offsets in their sub-group that are not 512-byte aligned) stock reads those gradients
+    with O_DIRECT into unaligned pinned memory, the read fails without an error, and it steps them on
+    stale buffer contents; its losses differ from the reference from the second step on."""
+    bound = 300_032  # a multiple of the staging alignment, far below every sub-group below
+    nvme_optimizer = {"memascend.optimizer_staging": "bounded", "memascend.staging_elements": bound}
+    cpu_optimizer = {"zero_optimization.offload_optimizer.device": "cpu"}
+    cases = {  # name: (dtype, knobs)
+        "reference": ("fp32", {**cpu_optimizer, "zero_optimization.sub_group_size": 10**9}),
+        "one sub-group": ("fp32", {**nvme_optimizer, "zero_optimization.sub_group_size": 10**9}),
+        "several": ("fp32", {**nvme_optimizer, "zero_optimization.sub_group_size": 3_000_000}),
+        "stock": ("fp32", {"zero_optimization.sub_group_size": 10**9}),
+        "bf16 reference": ("bf16", {**cpu_optimizer, "zero_optimization.sub_group_size": 3_000_000}),
+        "bf16": ("bf16", {**nvme_optimizer, "zero_optimization.sub_group_size": 3_000_000}),
+    }
+    jobs = [(Knobs({**knobs, "run.dtype": dtype, "run.steps": 3}), UNALIGNED) for dtype, knobs in cases.values()]
+    runs = dict(zip(cases, run_together(Lab(tmp_path), jobs)))
+    for name, run in runs.items():
+        assert run.summary["status"] == "ok", f"{name}: {run.summary['error']}"
+    for name, (_, knobs) in cases.items():
+        if "memascend.optimizer_staging" in knobs:
+            plan = Knobs(knobs).resolve(ModelSpec.resolve(UNALIGNED)).staging_plan
+            assert plan["streamed"] and any(len(g) > 1 for g in _sub_groups(knobs, plan))
+            pool = [a["requested"] for a in runs[name].allocations if a["component"] == C.OPTIMIZER_POOL]
+            assert pool == [bound * 4] * 4, name
+            assert not [a for a in runs[name].allocations if a["component"] == C.PARAM_PARTITION_BUFFER]
+    reference = runs["reference"].summary["losses"]
+    assert len(reference) == 3 and reference[2] != reference[0]
+    assert runs["one sub-group"].summary["losses"] == reference
+    assert runs["several"].summary["losses"] == reference
+    assert runs["bf16"].summary["losses"] == runs["bf16 reference"].summary["losses"]
+    assert runs["stock"].summary["losses"][0] == reference[0] and runs["stock"].summary["losses"] != reference
+
+
+def _sub_groups(knobs, plan):
+    from memlab.ds_rules import sub_groups
+
+    numels = [t.numel for t in ModelSpec.resolve(UNALIGNED).tensors()]
+    return [g for i, g in enumerate(sub_groups(numels, knobs["zero_optimization.sub_group_size"]))
+            if i in plan["streamed"]]
+
+
+@pytest.mark.engine
+def test_stock_aio_reads_into_unaligned_memory_fail_silently(tmp_path):
+    """DeepSpeed 0.19.8's aio op alone: a file read into pinned memory whose address is not 512-byte
+    aligned returns as done and leaves the memory as it was (O_DIRECT refuses it; nothing reports
+    it). Stock reads swapped gradients that way; bounded staging reads them at aligned places."""
+    import torch
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    handle = AsyncIOBuilder().load().aio_handle(1 << 20, 128, False, True, 1)
+    numel = 1 << 18
+    source = handle.new_cpu_locked_tensor(numel, torch.zeros(1))
+    source.copy_(torch.arange(numel, dtype=torch.float32))
+    path = str(tmp_path / "tensor.swp")
+    assert handle.async_pwrite(source, path, 0) == 0 and handle.wait() == 1
+    for shift, right in ((0, True), (128, True), (64, False), (16, False)):  # fp32 elements: 0, 512, 256, 64 bytes
+        dest = handle.new_cpu_locked_tensor(numel + 1024, torch.zeros(1)).fill_(-1.0)
+        assert handle.async_pread(dest.narrow(0, shift, numel), path, 0) == 0
+        assert handle.wait() == 1  # done, as far as the handle says
+        got = dest.narrow(0, shift, numel)
+        assert torch.equal(got, source) == right, shift
+        if not right:
+            assert bool((got == -1.0).all())  # untouched
+        handle.free_cpu_locked_tensor(dest)

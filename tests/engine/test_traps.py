@@ -49,8 +49,8 @@ REFUSED = {
 }
 
 
-def plain_deepspeed_jobs(cases, folder):
-    """Start scripts/plain_deepspeed.py for each case, two at a time; name -> its JSON result."""
+def plain_deepspeed_jobs(cases, folder, args=("--steps", "2")):
+    """Start scripts/plain_deepspeed.py for each case (with `args`), two at a time; name -> its JSON result."""
     results, running = {}, []
     env = oplocks.use_extensions_root(dict(os.environ))  # the ops set-up built
     for index, (name, (model, knobs, *_)) in enumerate(cases.items()):
@@ -65,7 +65,7 @@ def plain_deepspeed_jobs(cases, folder):
         job_env = dict(env, MASTER_PORT=str(29700 + index))
         running.append((name, subprocess.Popen(
             [sys.executable, PLAIN_DEEPSPEED, os.path.join(case, "model.json"), os.path.join(case, "ds_config.json"),
-             "--steps", "2"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=job_env)))
+             *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=job_env)))
         while len(running) == 2 or (running and index == len(cases) - 1):
             done_name, process = running.pop(0)
             out, _ = process.communicate(timeout=600)
@@ -133,3 +133,33 @@ def test_a_risk_is_warned_about_and_run(risky_runs, name):
         assert run.summary["status"] == "failed"
         assert "already assigned swap buffer" in run.summary["error"]  # DeepSpeed's message
         assert "; memlab warned: zero_optimization.stage3_max_live_parameters=10000000" in run.summary["error"]
+
+
+# A Llama whose hidden size (1000) puts most parameters at offsets in their sub-group that are not
+# 512-byte aligned in fp32
+UNALIGNED = {"model_type": "llama", "vocab_size": 4096, "hidden_size": 1000, "intermediate_size": 1400,
+             "num_hidden_layers": 2, "num_attention_heads": 10, "num_key_value_heads": 10,
+             "max_position_embeddings": 256}
+
+
+def test_the_stale_gradient_warning_names_what_plain_deepspeed_misreads(tmp_path):
+    """memlab warns (knobs._risk_stale_gradients) that stock DeepSpeed steps some parameters on stale
+    gradients with the optimizer on NVMe. Plain DeepSpeed, one step with the optimizer on NVMe and one
+    with it on the CPU (the same CPU Adam, nothing swapped): the parameters whose fp32 masters differ
+    are exactly those memlab names (ds_rules.stale_gradient_reads), and they are most of them."""
+    from memlab.ds_rules import stale_gradient_reads
+
+    knobs = {"zero_optimization.sub_group_size": 10**9}
+    cases = {"nvme": (UNALIGNED, knobs), "cpu": (UNALIGNED, {**knobs, O + "device": "cpu"})}
+    results = plain_deepspeed_jobs(cases, str(tmp_path), args=("--steps", "1", "--masters"))
+    assert results["nvme"]["ok"] and results["cpu"]["ok"], results
+    nvme, cpu = results["nvme"]["masters"], results["cpu"]["masters"]
+    differ = sorted(name for name in cpu if nvme[name] != cpu[name])
+    resolved = Knobs(knobs).resolve(ModelSpec.resolve(UNALIGNED))
+    tensors = resolved.model.tensors()
+    named = sorted(tensors[i].name for i in stale_gradient_reads(
+        [t.numel for t in tensors], resolved["zero_optimization.sub_group_size"], resolved["aio.block_size"]))
+    assert differ == named and len(named) > len(tensors) / 3
+    (risk,) = [r for r in resolved.risks if r.knob == O + "device"]
+    assert f"{len(named)} of {len(tensors)} parameters" in str(risk) and risk.crash is None
+    assert not [r for r in Knobs(knobs, engine="memascend").resolve(resolved.model).risks if r.knob == O + "device"]

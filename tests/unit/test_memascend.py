@@ -12,6 +12,8 @@ import torch
 from memlab import Knobs, KnobError, ModelSpec
 from memlab.engine.memascend import direct_storage, fused_checks
 from memlab.knobs import MEMASCEND_SWITCHES
+from memlab.ds_rules import (DEFAULT_STAGING_ELEMENTS, gradient_pieces, numel_alignment, parameter_writes,
+                             staging_alignment, staging_slices, staging_step, sub_groups)
 from memlab.sizing import aligned_numel, staging_plan
 
 
@@ -49,21 +51,83 @@ def test_fused_norm_equals_stock_to_fp64_rounding():
 
 # ------------------------------------------------------------------ staging plan
 
-def test_staging_plan_streams_only_one_parameter_groups_above_the_bound():
+def test_staging_plan_streams_every_swapped_sub_group():
     numels = [8_388_608, 65_536, 16_384, 16_384, 65_536, 528_384, 256, 256]  # embedding first, then a layer
     plan = staging_plan(numels, sub_group_size=8_388_608)
-    assert plan["streamed"] == [0]
-    assert plan["bound"] == 1 << 22  # the multi-parameter group is smaller than the floor
-    assert plan["largest_kept_group"] == numels[1:]
-    no_stream = staging_plan(numels, sub_group_size=10**9)  # one group of everything: nothing to stream
-    assert no_stream["streamed"] == [] and no_stream["bound"] == aligned_numel(sum(numels), 4, 4)
+    assert plan["streamed"] == [0, 1] and plan["bound"] == DEFAULT_STAGING_ELEMENTS
+    assert plan["largest_kept_group"] == []  # no sub-group is stepped whole: no partitioned swap buffer
+    # one sub-group of every parameter (DeepSpeed's default sub_group_size): streamed, same bound
+    whole = staging_plan(numels, sub_group_size=10**9)
+    assert whole["streamed"] == [0] and whole["bound"] == DEFAULT_STAGING_ELEMENTS
+    # a model whose largest sub-group is below the default: the bound is that sub-group (one slice)
+    small = staging_plan(numels[1:], sub_group_size=10**9)
+    assert small["streamed"] == [0] and small["bound"] == aligned_numel(sum(numels[1:]), 4, 4)  # 1024 elements
+    # a sub-group too small for DeepSpeed to swap its optimizer state (under 1 MiB in fp32) is kept:
+    # DeepSpeed steps it in RAM and writes its parameters through the partitioned swap buffer
+    mixed = staging_plan(numels, sub_group_size=100_000)
+    kept = [g for i, g in enumerate(sub_groups(numels, 100_000)) if i not in mixed["streamed"]]
+    assert kept and all(sum(g) * 4 < 1 << 20 for g in kept)
+    assert mixed["largest_kept_group"] == max(kept, key=sum)
+    # a bound set by hand is rounded up to the alignment, and is at least two of it
+    assert staging_plan(numels, 10**9, 5000)["bound"] == 5120
+    assert staging_plan(numels, 10**9, 2048, intra_op_parallelism=4)["bound"] == 2 * staging_alignment(4)
 
 
-def test_staging_elements_below_a_multi_parameter_group_is_refused():
-    knobs = Knobs({"memascend.optimizer_staging": "bounded", "memascend.staging_elements": 4096,
-                   "zero_optimization.sub_group_size": 10**8})
-    with pytest.raises(KnobError, match="memascend.staging_elements=4096: smaller than the largest sub-group"):
-        knobs.resolve(ModelSpec.resolve("tiny-llama"))
+@pytest.mark.parametrize("seed", range(40))
+def test_slices_pieces_and_parameter_writes_cover_each_element_once(seed):
+    """Drawn sub-groups (parameter sizes, bound, dtype, I/O parallelism): the slices tile the
+    sub-group at aligned starts; every gradient piece lies inside one slice; each parameter's
+    writes cover its elements once, in order, in whole aligned blocks that fit a staging buffer,
+    and a write starts before its first element only where the previous slice's write of that
+    parameter ended inside that block (the carried block)."""
+    rng = random.Random(seed)
+    io = rng.choice([1, 1, 2, 4])
+    param_bytes = rng.choice([2, 4])
+    numels = [rng.choice([rng.randrange(1, 5000), rng.randrange(1, 300_000), 1 << rng.randrange(8, 18)])
+              for _ in range(rng.randrange(1, 12))]
+    size = sum(numels)
+    bound = staging_plan(numels, 10**9, rng.randrange(2048, max(4096, size)), io)["bound"]
+    alignment = staging_alignment(io)
+    slices = staging_slices(size, bound, io)
+    assert [first for first, _ in slices] == list(range(0, size, staging_step(bound, io)))
+    assert slices[-1][1] == size and all(a % alignment == 0 for a, _ in slices)
+    assert all(end - first <= bound - alignment for first, end in slices)
+    offsets = [sum(numels[:i]) for i in range(len(numels))]
+    for offset, numel in zip(offsets, numels):
+        pieces = gradient_pieces(offset, numel, size, bound, io)
+        assert sum(length for _, length in pieces) == numel and pieces[0][0] == offset
+        for start, length in pieces:
+            assert any(first <= start and start + length <= end for first, end in slices)
+    block = numel_alignment(param_bytes, io)
+    done = [0] * len(numels)
+    for writes in parameter_writes(numels, bound, param_bytes, io):
+        for index, first, end, file_first, file_end in writes:
+            assert first == done[index] < end <= numels[index]
+            assert file_first == first - first % block and file_end == -(-end // block) * block
+            assert (file_end - file_first) * param_bytes <= bound * 4  # fits the staging buffer it is built in
+            if file_first < first:
+                assert done[index] % block  # the block the previous write cut, carried
+            done[index] = end
+    assert done == numels
+
+
+def test_the_optimizer_pool_is_the_bound_whatever_the_sub_groups():
+    """Any bound of at least two alignments is accepted, with sub-groups of many parameters above
+    it (they are streamed too), and the optimizer pool is buffer_count x the bound: the same for
+    every sub_group_size that makes a sub-group larger than the bound."""
+    from memlab import components as C
+    from memlab.sizing import estimate
+
+    model = ModelSpec.resolve("tiny-llama")
+    pools = []
+    for sub_group_size in (10**9, 10**6, 200_000):
+        knobs = {"memascend.optimizer_staging": "bounded", "memascend.staging_elements": 65_536,
+                 "zero_optimization.sub_group_size": sub_group_size}
+        assert Knobs(knobs).resolve(model).staging_plan["streamed"]
+        pools.append([b.requested for b in estimate(model, knobs).buffers if b.component == C.OPTIMIZER_POOL])
+    assert pools == [[65_536 * 4] * 4] * 3
+    with pytest.raises(KnobError, match="memascend.staging_elements=1000"):
+        Knobs({"memascend.staging_elements": 1000}).resolve(model)
 
 
 def test_bounded_staging_refuses_pipelined_swapping():

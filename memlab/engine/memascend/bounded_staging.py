@@ -1,42 +1,48 @@
-"""Bounded optimizer staging (beyond MemAscend): stream a large sub-group
-through staging buffers of bounded size.
+"""Bounded optimizer staging (beyond MemAscend): every sub-group larger than
+a bound is stepped in slices through staging buffers of that size.
 
 Stock DeepSpeed 0.19 sizes every optimizer swap buffer to the largest
 sub-group (`PartitionedOptimizerSwapper(largest_numel=max(sub-group numel))`)
-and the partitioned parameter swap buffer to the largest sub-group too. One
+and the partitioned parameter swap buffer to the largest sub-group too: with
+the default `sub_group_size` (1e9) that is the whole model's partition, and a
 parameter larger than `sub_group_size` (the embedding, typically) is a
-sub-group of its own, so both are sized by it: 4 x 519 MiB + 519 MiB for a
-Qwen2.5-0.5B embedding. At its first step CPU Adam also creates exp_avg and
+sub-group of its own. At its first step CPU Adam also creates exp_avg and
 exp_avg_sq for the whole sub-group as pageable tensors (8 bytes per element).
 
-Here the staging bound B is the largest multi-parameter sub-group
-(`memascend.staging_elements`, auto), found by memlab's rule
-(ds_rules.staging_plan) on the sub-groups this engine's stage 3 makes, so it
-needs no plan from outside the process. A sub-group that is one parameter
-larger than B is *streamed*: for each B-element slice, the fp32 master,
+Here the staging bound B (`memascend.staging_elements`; auto: the largest
+sub-group, at most 4M elements) comes from memlab's rule (ds_rules.staging_plan)
+on the sub-groups this engine's stage 3 makes, so it needs no plan from outside
+the process. Every sub-group whose optimizer state is swapped, of one parameter
+or many, is *streamed* (none goes through DeepSpeed's whole-sub-group step): for each slice (ds_rules.staging_slices: B less one alignment,
+starting at aligned offsets of the sub-group's flat fp32 master), the master,
 exp_avg, exp_avg_sq and gradient slices are read at their file offsets into
-B-sized pool buffers, the same CPU Adam kernel updates them, and they are
-written back, together with the updated parameter slice. Adam is element-
-wise and slices start at multiples of the kernel's vector width, so the
-result is bit-identical to the whole-tensor step. First-step state starts as
-zeros in the staging buffers: no full-size pageable copy.
+B-element pool buffers, the same CPU Adam kernel updates them, and they are
+written back, together with the updated slice of each parameter in it
+(ds_rules.parameter_writes: whole aligned blocks of each parameter's swap file;
+the block a slice's end cuts is carried to the next slice and written again,
+whole). Adam is element-wise and slices start at multiples of the kernel's
+vector width, so the result is bit-identical to the whole-sub-group step.
+First-step state starts as zeros in the staging buffers: no full-size pageable
+copy. Gradients of a streamed sub-group are written to NVMe in pieces cut where
+slices begin (ds_rules.gradient_pieces), so each is read into one slice.
 
 What a streamed sub-group needs from the files is read with DeepSpeed's aio
 handle at file offsets (`async_pread/async_pwrite(buffer, path, offset)`).
 Not supported together with pipelined optimizer swapping (refused by
-validation); checkpoints of streamed sub-groups are not written by this
-module.
+validation).
 """
 import os
 
 import torch
 
-from ...ds_rules import staging_plan_of_groups, streamed_sub_group
+from ...ds_rules import (AIO_ALIGNED_BYTES, MIN_AIO_BYTES, STAGING_ALIGNMENT, gradient_pieces, numel_alignment,
+                         parameter_writes, staging_plan_of_groups, staging_slices)
 from .. import patching
 from ..patching import original as _require
 from . import direct_storage
 
 STATE_NAMES = ("exp_avg", "exp_avg_sq")
+SHIFT_CHUNK_ELEMENTS = 1 << 18  # read_unaligned moves a piece through this much scratch at a time (1 MiB in fp32)
 # Stage-3 steps that move a whole sub-group through the pool; a streamed
 # sub-group does their work slice by slice in _optimizer_step instead. At init
 # (initialize_optimizer_states) they would only rewrite the parameter files
@@ -69,9 +75,9 @@ class StreamIO:
             self.pending = 0
 
 
-def slices(numel, bound):
-    for start in range(0, numel, bound):
-        yield start, min(bound, numel - start)
+def io_parallelism(swapper):
+    """aio.intra_op_parallelism of an optimizer swapper (its alignment is 1024 bytes x that)."""
+    return swapper.aligned_bytes // AIO_ALIGNED_BYTES
 
 
 def install(knobs, context):
@@ -82,7 +88,7 @@ def install(knobs, context):
 
     staging_elements = knobs["memascend.staging_elements"]  # a bound, or "auto" where nothing resolved it
     probes = context["probes"]
-    # Every patch below acts only where DeepSpeed swaps (optimizer or parameters on NVMe), so
+    # Every patch below acts only where DeepSpeed swaps optimizer state to NVMe, so
     # installing them for a run that swaps nothing changes nothing.
 
     swapper_cls = pos.PartitionedOptimizerSwapper
@@ -90,6 +96,7 @@ def install(knobs, context):
     zero_cls = stage3.DeepSpeedZeroOptimizer_Stage3
     param_swapper_cls = pps.AsyncPartitionedParameterSwapper
     original = {
+        "zero_init": _require(zero_cls, "__init__"),
         "partitions": _require(zero_cls, "_create_fp16_partitions_with_defragmentation"),
         "init": _require(swapper_cls, "__init__"),
         "swap_out_gradients": _require(base_cls, "_swap_out_gradients"),
@@ -101,14 +108,24 @@ def install(knobs, context):
                  "set_full_hp_param") + SKIPPED_WHEN_STREAMED:
         original[name] = _require(zero_cls, name)
 
-    # -- the plan, from the sub-groups this engine makes (stage3 builds its partitions, reserves the
-    # parameter swap buffer and then makes the optimizer swapper, in that order, in one __init__)
+    # -- the plan, from the sub-groups this engine makes (stage3's __init__ builds its partitions,
+    # reserves the parameter swap buffer and then makes the optimizer swapper, in that order)
     plan = {}
 
+    def zero_init(self, *args, **kwargs):
+        plan.clear()
+        aio = kwargs.get("aio_config") or {}
+        plan["aio"] = (aio.get("intra_op_parallelism", 1), aio.get("block_size", MIN_AIO_BYTES))
+        return original["zero_init"](self, *args, **kwargs)
+
+    zero_init.__name__ = "__init__"
+
     def _create_fp16_partitions_with_defragmentation(self, fp16_param_groups):
-        groups = [[p.partition_numel() for p in sub_group] for param_group in fp16_param_groups
-                  for sub_group in self._create_fp16_sub_groups(param_group["params"])]
-        plan.update(staging_plan_of_groups(groups, staging_elements) if groups else {})
+        if self.swap_optimizer:  # staging acts on optimizer state swapped to NVMe only
+            groups = [[p.partition_numel() for p in sub_group] for param_group in fp16_param_groups
+                      for sub_group in self._create_fp16_sub_groups(param_group["params"])]
+            if groups:
+                plan.update(staging_plan_of_groups(groups, staging_elements, *plan.get("aio", (1, MIN_AIO_BYTES))))
         return original["partitions"](self, fp16_param_groups)
 
     # -- pool and partition buffer: sized by B, not by the largest sub-group ----
@@ -116,24 +133,26 @@ def install(knobs, context):
         bound = plan.get("bound", largest_numel)
         original["init"](self, swap_config, aio_config, base_folder, optimizer, min(largest_numel, bound),
                          *args, **kwargs)
-        self.memlab_bound = self._io_aligned_numel(bound)
 
     def reserve_partitioned_swap_space(self, partition_num_elems):
-        if plan and streamed_sub_group(len(partition_num_elems), sum(partition_num_elems), plan["bound"]):
-            partition_num_elems = plan["largest_kept_group"]  # the streamed sub-group writes its params slice by slice
+        if plan.get("streamed"):  # streamed sub-groups write their parameters from the staging buffers
+            partition_num_elems = plan["largest_kept_group"]
+            if not partition_num_elems:
+                return None  # every sub-group is streamed: stock's buffer would never be used
         return original["reserve"](self, partition_num_elems)
 
-    # -- gradients: large ones are written in B-element pieces ---------------------
+    # -- gradients of a streamed sub-group: written in pieces cut where slices begin ----
     def _swap_out_gradients(self, parameter, gradient_offsets, gradient_tensors, gradient_swapper):
+        swap_info = self.swap_params_info.get(base_cls.parameter_id(parameter))
+        if swap_info is None:  # not swapped: nothing to cut
+            return original["swap_out_gradients"](self, parameter, gradient_offsets, gradient_tensors,
+                                                  gradient_swapper)
         offsets, tensors = [], []
         for offset, tensor in zip(gradient_offsets, gradient_tensors):
-            if tensor.numel() > self.largest_numel and self.is_swappable_tensor(tensor=tensor):
-                for start, length in slices(tensor.numel(), self.largest_numel):
-                    offsets.append(offset + start)
-                    tensors.append(tensor.narrow(0, start, length))
-            else:
-                offsets.append(offset)
-                tensors.append(tensor)
+            for start, length in gradient_pieces(offset, tensor.numel(), swap_info.numel(), self.largest_numel,
+                                                 io_parallelism(self)):
+                offsets.append(start)
+                tensors.append(tensor.narrow(0, start - offset, length))
         return original["swap_out_gradients"](self, parameter, offsets, tensors, gradient_swapper)
 
     # -- init: a streamed sub-group's fp32 master is written slice by slice --------
@@ -148,7 +167,8 @@ def install(knobs, context):
             direct_storage.reserve(path, self._io_aligned_numel(src.numel()) * src.element_size())
             io = StreamIO(aio_handle, probes)
             (buffer,) = self.swap_buffer_manager.allocate(num_elems=self.largest_numel, count=1, dtype=self.dtype)
-            for start, length in slices(src.numel(), self.largest_numel):
+            for start in range(0, src.numel(), self.largest_numel):
+                length = min(self.largest_numel, src.numel() - start)
                 buffer.narrow(0, 0, length).copy_(src.narrow(0, start, length))
                 io.write(buffer.narrow(0, 0, self._io_aligned_numel(length)), path, start * src.element_size())
                 io.wait()
@@ -156,11 +176,8 @@ def install(knobs, context):
 
     # -- the step: streamed sub-groups bypass the whole-sub-group path ---------------
     def streamed(self, sub_group_id):
-        if not self._swappable_optimizer_subgroup(sub_group_id):
-            return False
-        return streamed_sub_group(len(self.fp16_groups[sub_group_id]),
-                                  self.fp16_partitioned_groups_flat_numel[sub_group_id],
-                                  self.optimizer_swapper.largest_numel)
+        # DeepSpeed's own test of streamed_sub_group: every sub-group whose optimizer state it swaps
+        return self._swappable_optimizer_subgroup(sub_group_id)
 
     def unscale_and_clip_grads(self, sub_group_id, total_norm):
         if not streamed(self, sub_group_id):
@@ -170,7 +187,7 @@ def install(knobs, context):
     def _optimizer_step(self, sub_group_id):
         if not streamed(self, sub_group_id):
             return original["_optimizer_step"](self, sub_group_id)
-        stream_sub_group(self, sub_group_id, probes)
+        StreamedGroup(self, sub_group_id, probes).step()
 
     # initialize_optimizer_states swaps each sub-group in, hangs a gradient on it,
     # and swaps it out. For a streamed one, an untouched (virtual) tensor of the
@@ -195,26 +212,25 @@ def install(knobs, context):
         original["reset_swap_buffers"](self)
         for sub_group_id in range(len(self.fp16_groups)):
             if streamed(self, sub_group_id):
-                params_from_master(self, sub_group_id, probes)
+                StreamedGroup(self, sub_group_id, probes).params_from_master()
 
     # deepspeed.utils.safe_get/set_full_fp32_param and *_optimizer_state: a streamed sub-group's
-    # master and Adam state are on NVMe only (its in-RAM tensor is a placeholder), read and written
-    # here slice by slice into a full-size tensor, which is what the call returns or is given
+    # master and Adam state are on NVMe only (its in-RAM tensor is a placeholder); the parameter's
+    # range of them is read or written here through one pool buffer
     def get_full_hp_param(self, param, optim_state_key=None):
-        group = self.grad_position[self.get_param_id(param)][0] if param.requires_grad else None
+        group, offset, numel = self.grad_position[self.get_param_id(param)] if param.requires_grad else (None,) * 3
         if group is None or not streamed(self, group):
             return original["get_full_hp_param"](self, param, optim_state_key)
-        partition = torch.empty(self.fp16_partitioned_groups_flat_numel[group], dtype=torch.float32)
-        stream_state(self, group, optim_state_key, partition, probes, write=False)
+        partition = torch.empty(numel, dtype=torch.float32)
+        StreamedGroup(self, group, probes).state_range(optim_state_key, partition, offset, write=False)
         return self._fp32_state_allgather(param, partition)
 
     def set_full_hp_param(self, value, param, optim_state_key=None):
-        group = self.grad_position[self.get_param_id(param)][0] if param.requires_grad else None
+        group, offset, numel = self.grad_position[self.get_param_id(param)] if param.requires_grad else (None,) * 3
         if group is None or not streamed(self, group):
             return original["set_full_hp_param"](self, value, param, optim_state_key)
-        numel = self.fp16_partitioned_groups_flat_numel[group]
         partition = value.flatten().narrow(0, numel * self._get_param_partition_rank(param), numel)
-        stream_state(self, group, optim_state_key, partition.float(), probes, write=True)
+        StreamedGroup(self, group, probes).state_range(optim_state_key, partition.float(), offset, write=True)
 
     def skip_when_streamed(name):
         def method(self, sub_group_id, *args, **kwargs):
@@ -224,6 +240,7 @@ def install(knobs, context):
         method.__name__ = name
         return method
 
+    patching.replace(zero_cls, "__init__", zero_init)
     patching.replace(zero_cls, "_create_fp16_partitions_with_defragmentation",
                      _create_fp16_partitions_with_defragmentation)
     patching.replace(swapper_cls, "__init__", __init__)
@@ -238,153 +255,196 @@ def install(knobs, context):
         patching.replace(zero_cls, name, skip_when_streamed(name))
 
 
-def stream_sub_group(zero, sub_group_id, probes):
-    """One Adam step of a one-parameter sub-group, B elements at a time."""
-    swapper = zero.optimizer_swapper
-    swapper._flush_gradient_swapper(swapper.gradient_swapper)  # gradient pieces are on disk
-    fp32_param = zero.fp32_partitioned_groups_flat[sub_group_id]
-    swap_info = swapper._get_param_swap_info(fp32_param)
-    numel = swap_info.numel()
-    (param,) = zero.fp16_groups[sub_group_id]
-    # parameters on NVMe are updated in their swap file; on the CPU or the device (offload_param
-    # cpu | none) there is no parameter swapper and the partition is in RAM
-    on_nvme = getattr(param, "nvme_swapper", None) is not None
-    param_path = param.nvme_swapper.get_path(param, must_exist=True) if on_nvme else None
-    master_path = swap_info.get_swap_paths()[0]
-    state_paths = [os.path.join(swapper.swap_folder, f"{swap_info.param_id}.{name}.memlab.swp") for name in STATE_NAMES]
+class StreamedGroup:
+    """One streamed sub-group of a stage-3 engine: its swap files, its parameters and
+    where each sits in the flat master, and its slices (ds_rules.staging_slices)."""
 
-    group = zero.optimizer.param_groups[zero.sub_group_to_group_id[sub_group_id]]
-    steps = zero.__dict__.setdefault("memlab_steps", {})
-    steps[sub_group_id] = steps.get(sub_group_id, 0) + 1
-    first_step = steps[sub_group_id] == 1  # no state on disk yet: it starts as zeros
-    if first_step:
-        for path in state_paths:
-            direct_storage.reserve(path, swapper._io_aligned_numel(numel) * swapper.swap_element_size)
-    beta1, beta2 = group["betas"]
-    combined_scale = zero.loss_scale
-    if zero.clip_grad > 0.:  # as in unscale_and_clip_grads
-        clip = ((zero.memlab_total_norm / zero.loss_scale) + 1e-6) / zero.clip_grad
-        combined_scale = torch.clamp(clip, min=1.0) * zero.loss_scale
+    def __init__(self, zero, sub_group_id, probes):
+        from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
 
-    bound = swapper.largest_numel
-    buffers = swapper.swap_buffer_manager.allocate(num_elems=bound, count=4, dtype=swapper.dtype)
-    assert buffers is not None, "memascend staging: optimizer pool has fewer than 4 free buffers"
-    master, exp_avg, exp_avg_sq, grad = buffers
-    io = StreamIO(swapper.aio_handle, probes)
-    element = master.element_size()
-    # while swapped out, ds_tensor is a placeholder: the swapper knows the element size
-    param_element = param.nvme_swapper.swap_element_size if on_nvme else param.ds_tensor.element_size()
-    try:
-        for start, length in slices(numel, bound):
-            aligned = swapper._io_aligned_numel(length)
-            io.read(master.narrow(0, 0, aligned), master_path, start * element)
-            if first_step:
-                exp_avg.narrow(0, 0, length).zero_()
-                exp_avg_sq.narrow(0, 0, length).zero_()
-            else:
-                io.read(exp_avg.narrow(0, 0, aligned), state_paths[0], start * element)
-                io.read(exp_avg_sq.narrow(0, 0, aligned), state_paths[1], start * element)
-            read_gradient_slice(swap_info, grad, start, length, io)
-            io.wait()
+        self.zero, self.sub_group_id = zero, sub_group_id
+        self.swapper = swapper = zero.optimizer_swapper
+        self.available = PartitionedParamStatus.AVAILABLE
+        self.io = StreamIO(swapper.aio_handle, probes)
+        self.swap_info = swapper._get_param_swap_info(zero.fp32_partitioned_groups_flat[sub_group_id])
+        self.numel = self.swap_info.numel()
+        self.bound = swapper.largest_numel
+        parallelism = io_parallelism(swapper)
+        self.slices = staging_slices(self.numel, self.bound, parallelism)
+        self.master_path = self.swap_info.get_swap_paths()[0]
+        self.state_paths = [os.path.join(swapper.swap_folder, f"{self.swap_info.param_id}.{name}.memlab.swp")
+                            for name in STATE_NAMES]
+        self.params = zero.fp16_groups[sub_group_id]
+        self.partitions = zero.fp16_partitioned_groups[sub_group_id]
+        numels = [part.ds_numel for part in self.partitions]
+        self.offsets = [sum(numels[:i]) for i in range(len(numels))]
+        # parameters on NVMe are written to their swap files; on the CPU or the device (offload_param
+        # cpu | none) there is no parameter swapper and every partition is in RAM
+        swappers = [p.nvme_swapper for p in self.params if getattr(p, "nvme_swapper", None) is not None]
+        self.param_swapper = swappers[0] if swappers else None
+        param_bytes = self.param_swapper.swap_element_size if swappers else self.partitions[0].element_size()
+        self.writes = parameter_writes(numels, self.bound, param_bytes, parallelism)
+        self.param_alignment = numel_alignment(param_bytes, parallelism)  # the rule parameter_writes applies
+        self.carried = {}  # parameter index: its values in the block the last slice's end cut
 
-            chunk = [b.narrow(0, 0, length) for b in (master, grad, exp_avg, exp_avg_sq)]
-            chunk[1].mul_(1. / combined_scale)
-            zero.optimizer.ds_opt_adam.adam_update(zero.optimizer.opt_id, steps[sub_group_id], group["lr"], beta1,
-                                                   beta2, group["eps"], group["weight_decay"],
-                                                   group["bias_correction"], *chunk)
+    def step(self):
+        """One Adam step of the sub-group, one slice at a time."""
+        zero, swapper = self.zero, self.swapper
+        swapper._flush_gradient_swapper(swapper.gradient_swapper)  # gradient pieces are on disk
+        group = zero.optimizer.param_groups[zero.sub_group_to_group_id[self.sub_group_id]]
+        steps = zero.__dict__.setdefault("memlab_steps", {})
+        steps[self.sub_group_id] = step = steps.get(self.sub_group_id, 0) + 1
+        if step == 1:  # no state on disk yet: it starts as zeros
+            for path in self.state_paths:
+                direct_storage.reserve(path, swapper._io_aligned_numel(self.numel) * swapper.swap_element_size)
+        beta1, beta2 = group["betas"]
+        combined_scale = zero.loss_scale
+        if zero.clip_grad > 0.:  # as in unscale_and_clip_grads
+            clip = ((zero.memlab_total_norm / zero.loss_scale) + 1e-6) / zero.clip_grad
+            combined_scale = torch.clamp(clip, min=1.0) * zero.loss_scale
 
-            io.write(master.narrow(0, 0, aligned), master_path, start * element)
-            io.write(exp_avg.narrow(0, 0, aligned), state_paths[0], start * element)
-            io.write(exp_avg_sq.narrow(0, 0, aligned), state_paths[1], start * element)
-            write_param_slice(zero, param, param_path, master, grad, start, length, aligned, io, param_element)
-            io.wait()
-    finally:
-        swapper.swap_buffer_manager.free(buffers)
-    swap_info.release_unswapped_gradients()
+        buffers = swapper.swap_buffer_manager.allocate(num_elems=self.bound, count=4, dtype=swapper.dtype)
+        assert buffers is not None, "memascend staging: optimizer pool has fewer than 4 free buffers"
+        master, exp_avg, exp_avg_sq, grad = buffers
+        element, io = master.element_size(), self.io
+        try:
+            for index, (first, end) in enumerate(self.slices):
+                aligned = swapper._io_aligned_numel(end - first)
+                io.read(master.narrow(0, 0, aligned), self.master_path, first * element)
+                for buffer, path in zip((exp_avg, exp_avg_sq), self.state_paths):
+                    if step == 1:
+                        buffer.narrow(0, 0, end - first).zero_()
+                    else:
+                        io.read(buffer.narrow(0, 0, aligned), path, first * element)
+                self.read_gradients(grad, first, end)
+                io.wait()
 
+                chunk = [b.narrow(0, 0, end - first) for b in (master, grad, exp_avg, exp_avg_sq)]
+                chunk[1].mul_(1. / combined_scale)
+                zero.optimizer.ds_opt_adam.adam_update(zero.optimizer.opt_id, step, group["lr"], beta1, beta2,
+                                                       group["eps"], group["weight_decay"], group["bias_correction"],
+                                                       *chunk)
 
-def stream_state(zero, sub_group_id, key, tensor, probes, write):
-    """A streamed sub-group's fp32 master (`key` None) or Adam state `key` from NVMe into
-    `tensor`, or from `tensor` to NVMe, B elements at a time through one pool buffer.
-    Adam state that no step has made yet is a KeyError, as in stock (CPU Adam makes it lazily)."""
-    swapper = zero.optimizer_swapper
-    swap_info = swapper._get_param_swap_info(zero.fp32_partitioned_groups_flat[sub_group_id])
-    if key is None:
-        path = swap_info.get_swap_paths()[0]
-    elif key in STATE_NAMES and zero.__dict__.get("memlab_steps", {}).get(sub_group_id):
-        path = os.path.join(swapper.swap_folder, f"{swap_info.param_id}.{key}.memlab.swp")
-    else:
-        raise KeyError(key)
-    (buffer,) = swapper.swap_buffer_manager.allocate(num_elems=swapper.largest_numel, count=1, dtype=swapper.dtype)
-    assert buffer is not None, "memascend staging: no free optimizer pool buffer"
-    io = StreamIO(swapper.aio_handle, probes)
-    try:
-        for start, length in slices(tensor.numel(), swapper.largest_numel):
-            aligned = swapper._io_aligned_numel(length)
-            if write:
-                buffer.narrow(0, 0, length).copy_(tensor.narrow(0, start, length))
-                io.write(buffer.narrow(0, 0, aligned), path, start * buffer.element_size())
-            else:
-                io.read(buffer.narrow(0, 0, aligned), path, start * buffer.element_size())
-            io.wait()
-            if not write:
-                tensor.narrow(0, start, length).copy_(buffer.narrow(0, 0, length))
-    finally:
-        swapper.swap_buffer_manager.free([buffer])
+                io.write(master.narrow(0, 0, aligned), self.master_path, first * element)
+                for buffer, path in zip((exp_avg, exp_avg_sq), self.state_paths):
+                    io.write(buffer.narrow(0, 0, aligned), path, first * element)
+                self.write_params(index, master, grad)  # the gradient is consumed: its buffer is scratch
+                io.wait()
+        finally:
+            swapper.swap_buffer_manager.free(buffers)
+        self.swap_info.release_unswapped_gradients()
 
+    def read_gradients(self, dest, first, end):
+        """Gradient elements [first, end) into dest: swapped pieces (cut where slices begin,
+        so each is inside one) and the fragments that stayed in RAM. aio opens files with
+        O_DIRECT, and a read into memory not aligned to the device's block fails without an
+        error (the buffer keeps what it held: stock DeepSpeed 0.19.8 steps such parameters on
+        stale data), so a piece whose place is unaligned is read at the aligned place before it
+        and moved up (read_unaligned). Waits for every read it submits."""
+        pieces = [p for p in self.swap_info.swapped_gradients.values() if first <= p.offset < end]
+        unaligned = [p for p in pieces if (p.offset - first) % STAGING_ALIGNMENT]
+        for piece in pieces:
+            if piece not in unaligned:
+                self.io.read(dest.narrow(0, piece.offset - first, piece.length), piece.path, 0)
+        self.io.wait()
+        for piece in sorted(unaligned, key=lambda p: p.offset):  # one at a time: each moves memory its neighbour holds
+            self.read_unaligned(dest, piece.offset - first, piece.length, piece.path)
+        for offset, fragment in self.swap_info.unswapped_gradients.items():
+            if first <= offset < end:
+                dest.narrow(0, offset - first, fragment.numel()).copy_(fragment)
 
-def params_from_master(zero, sub_group_id, probes):
-    """A streamed sub-group's parameter rewritten from its fp32 master, B elements at a time
-    (what stock's _reassign_or_swap_out_partitioned_parameters does whole)."""
-    swapper = zero.optimizer_swapper
-    fp32_param = zero.fp32_partitioned_groups_flat[sub_group_id]
-    swap_info = swapper._get_param_swap_info(fp32_param)
-    (param,) = zero.fp16_groups[sub_group_id]
-    on_nvme = getattr(param, "nvme_swapper", None) is not None
-    param_path = param.nvme_swapper.get_path(param, must_exist=True) if on_nvme else None
-    master_path = swap_info.get_swap_paths()[0]
-    param_element = param.nvme_swapper.swap_element_size if on_nvme else param.ds_tensor.element_size()
-    buffers = swapper.swap_buffer_manager.allocate(num_elems=swapper.largest_numel, count=2, dtype=swapper.dtype)
-    assert buffers is not None, "memascend staging: optimizer pool has fewer than 2 free buffers"
-    master, scratch = buffers
-    io = StreamIO(swapper.aio_handle, probes)
-    element = master.element_size()
-    try:
-        for start, length in slices(swap_info.numel(), swapper.largest_numel):
-            aligned = swapper._io_aligned_numel(length)
-            io.read(master.narrow(0, 0, aligned), master_path, start * element)
-            io.wait()
-            write_param_slice(zero, param, param_path, master, scratch, start, length, aligned, io, param_element)
-            io.wait()
-    finally:
-        swapper.swap_buffer_manager.free(buffers)
+    def read_unaligned(self, dest, position, length, path):
+        """`length` elements of `path` into dest at an unaligned `position`: read at the aligned
+        place `shift` elements before it, then moved up by `shift` (from the end, through a small
+        scratch tensor), and the `shift` elements the read covered restored."""
+        shift = position % STAGING_ALIGNMENT
+        before = dest.narrow(0, position - shift, shift).clone()
+        self.io.read(dest.narrow(0, position - shift, length), path, 0)
+        self.io.wait()
+        chunk = torch.empty(min(length, SHIFT_CHUNK_ELEMENTS), dtype=dest.dtype)
+        end = length
+        while end > 0:  # from the end: no chunk overwrites what a later one still has to move
+            start = max(0, end - len(chunk))
+            moved = chunk.narrow(0, 0, end - start)
+            moved.copy_(dest.narrow(0, position - shift + start, end - start))
+            dest.narrow(0, position + start, end - start).copy_(moved)
+            end = start
+        dest.narrow(0, position - shift, shift).copy_(before)
 
+    def write_params(self, index, master, scratch):
+        """The updated parameters of slice `index` (its master values in `master`): into the
+        partitions in RAM, and into the swap files of those on NVMe, in whole aligned blocks
+        staged in `scratch` (viewed as the parameters' dtype; waited on and reused when full)."""
+        slice_first = self.slices[index][0]
+        staged = scratch.view(self.param_swapper.dtype) if self.param_swapper is not None else None
+        position = 0
+        for param_index, first, end, file_first, file_end in self.writes[index]:
+            part = self.partitions[param_index]
+            offset = self.offsets[param_index]
+            values = master.narrow(0, offset + first - slice_first, end - first)
+            if staged is None or part.status == self.available:
+                part.data.narrow(0, first, end - first).copy_(values)
+                continue
+            if position + file_end - file_first > staged.numel():
+                self.io.wait()
+                position = 0
+            block = staged.narrow(0, position, file_end - file_first)
+            head = first - file_first
+            if head:
+                block.narrow(0, 0, head).copy_(self.carried.pop(param_index))
+            block.narrow(0, head, end - first).copy_(values)
+            tail = end - end % self.param_alignment
+            if end < part.ds_numel and tail < end:  # the next slice writes this block again, whole
+                self.carried[param_index] = block.narrow(0, tail - file_first, end - tail).clone()
+            path = self.param_swapper.get_path(self.params[param_index], must_exist=True)
+            self.io.write(block, path, file_first * staged.element_size())
+            position += file_end - file_first
 
-def read_gradient_slice(swap_info, dest, start, length, io):
-    """Gradient elements [start, start+length) into dest: swapped pieces (cut
-    at the same B boundaries, so a piece is inside one slice) and fragments
-    that stayed in RAM."""
-    end = start + length
-    for piece in swap_info.swapped_gradients.values():
-        if start <= piece.offset < end:
-            io.read(dest.narrow(0, piece.offset - start, piece.length), piece.path, 0)
-    for offset, fragment in swap_info.unswapped_gradients.items():
-        if start <= offset < end:
-            dest.narrow(0, offset - start, fragment.numel()).copy_(fragment)
+    def params_from_master(self):
+        """The sub-group's parameters rewritten from its fp32 master, slice by slice (what stock's
+        _reassign_or_swap_out_partitioned_parameters does whole)."""
+        swapper = self.swapper
+        buffers = swapper.swap_buffer_manager.allocate(num_elems=self.bound, count=2, dtype=swapper.dtype)
+        assert buffers is not None, "memascend staging: optimizer pool has fewer than 2 free buffers"
+        master, scratch = buffers
+        try:
+            for index, (first, end) in enumerate(self.slices):
+                self.io.read(master.narrow(0, 0, swapper._io_aligned_numel(end - first)), self.master_path,
+                             first * master.element_size())
+                self.io.wait()
+                self.write_params(index, master, scratch)
+                self.io.wait()
+        finally:
+            swapper.swap_buffer_manager.free(buffers)
 
-
-def write_param_slice(zero, param, path, master, scratch, start, length, aligned, io, param_element):
-    """The updated parameter slice: into its swap file (or its in-RAM partition)."""
-    from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
-
-    if path is None or param.ds_tensor.status == PartitionedParamStatus.AVAILABLE:
-        param.ds_tensor.data.narrow(0, start, length).copy_(master.narrow(0, 0, length))
-        return
-    param_dtype = param.nvme_swapper.dtype
-    if param_dtype == master.dtype:
-        io.write(master.narrow(0, 0, aligned), path, start * param_element)
-    else:  # bf16/fp16 parameters: convert into the (already consumed) gradient buffer
-        converted = scratch.view(param_dtype)
-        aligned_param = param.nvme_swapper._io_aligned_numel(length)
-        converted.narrow(0, 0, length).copy_(master.narrow(0, 0, length))
-        io.write(converted.narrow(0, 0, aligned_param), path, start * param_element)
+    def state_range(self, key, tensor, offset, write):
+        """Elements [offset, offset + tensor.numel()) of the fp32 master (`key` None) or of Adam
+        state `key`: read into `tensor`, or written from it (the aligned blocks around them are
+        read first and written back whole). Adam state no step has made yet is a KeyError, as in
+        stock (CPU Adam makes it lazily)."""
+        swapper = self.swapper
+        if key is None:
+            path = self.master_path
+        elif key in STATE_NAMES and self.zero.__dict__.get("memlab_steps", {}).get(self.sub_group_id):
+            path = self.state_paths[STATE_NAMES.index(key)]
+        else:
+            raise KeyError(key)
+        (buffer,) = swapper.swap_buffer_manager.allocate(num_elems=self.bound, count=1, dtype=swapper.dtype)
+        assert buffer is not None, "memascend staging: no free optimizer pool buffer"
+        end = offset + tensor.numel()
+        try:
+            for first, slice_end in self.slices:
+                a, b = max(first, offset), min(slice_end, end)
+                if a >= b:
+                    continue
+                aligned = buffer.narrow(0, 0, swapper._io_aligned_numel(slice_end - first))
+                self.io.read(aligned, path, first * buffer.element_size())
+                self.io.wait()
+                if write:
+                    buffer.narrow(0, a - first, b - a).copy_(tensor.narrow(0, a - offset, b - a))
+                    self.io.write(aligned, path, first * buffer.element_size())
+                    self.io.wait()
+                else:
+                    tensor.narrow(0, a - offset, b - a).copy_(buffer.narrow(0, a - first, b - a))
+        finally:
+            swapper.swap_buffer_manager.free([buffer])
