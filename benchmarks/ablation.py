@@ -7,7 +7,9 @@ Workload (issue #3): Qwen2.5-0.5B's embedding shape (vocab 151,936, hidden
 on NVMe with real parameter swapping, the same DeepSpeed knobs for every
 variant. One invocation runs every variant, so the ratios are side by side.
 Step time is the median over steps after the first (warm-up, first Adam step).
-Writes benchmarks/out/ablation.md and ablation.html.
+Writes benchmarks/out/ablation.md and ablation.html (ablation-NAME.* for another --model, such as
+benchmarks/models/untied-mistral.json: an untied Mistral-like shape, 99.5M parameters, whose buffers no
+embedding dominates).
 """
 import argparse
 import os
@@ -120,10 +122,13 @@ def main():
     summary = verdict(rows)
     print(text)
     print(summary)
-    with open(os.path.join(OUT, "ablation.md"), "w") as f:
+    # one pair of files per workload: the default's, and one named after any other model
+    stem = "ablation" if args.model == "qwen-embed" else \
+        "ablation-" + os.path.splitext(os.path.basename(args.model))[0]
+    with open(os.path.join(OUT, f"{stem}.md"), "w") as f:
         f.write(f"# MemAscend ablation\n\n`{' '.join(['python'] + sys.argv)}`\n\n{text}\n\nAll on vs stock:\n{summary}\n")
-    plot(rows, os.path.join(OUT, "ablation.html"))
-    print(f"wrote {OUT}/ablation.md and ablation.html", file=sys.stderr)
+    plot(rows, os.path.join(OUT, f"{stem}.html"))
+    print(f"wrote {OUT}/{stem}.md and {stem}.html", file=sys.stderr)
 
 
 if __name__ == "__main__":

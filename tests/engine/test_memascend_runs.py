@@ -186,7 +186,7 @@ def test_bounded_staging_streams_sub_groups_of_many_parameters(tmp_path):
     swapping), not stock with the optimizer on NVMe: on this model (hidden 1000, so most parameters
     start at offsets in their sub-group that are not 512-byte aligned) stock reads those gradients
     with O_DIRECT into unaligned pinned memory, the read fails without an error, and it steps them on
-    stale buffer contents; its losses differ from the reference from the second step on."""
+    stale buffer contents (tests/engine/test_traps.py shows which, in plain DeepSpeed)."""
     bound = 300_032  # a multiple of the staging alignment, far below every sub-group below
     nvme_optimizer = {"memascend.optimizer_staging": "bounded", "memascend.staging_elements": bound}
     cpu_optimizer = {"zero_optimization.offload_optimizer.device": "cpu"}
@@ -194,7 +194,6 @@ def test_bounded_staging_streams_sub_groups_of_many_parameters(tmp_path):
         "reference": ("fp32", {**cpu_optimizer, "zero_optimization.sub_group_size": 10**9}),
         "one sub-group": ("fp32", {**nvme_optimizer, "zero_optimization.sub_group_size": 10**9}),
         "several": ("fp32", {**nvme_optimizer, "zero_optimization.sub_group_size": 3_000_000}),
-        "stock": ("fp32", {"zero_optimization.sub_group_size": 10**9}),
         "bf16 reference": ("bf16", {**cpu_optimizer, "zero_optimization.sub_group_size": 3_000_000}),
         "bf16": ("bf16", {**nvme_optimizer, "zero_optimization.sub_group_size": 3_000_000}),
     }
@@ -214,7 +213,6 @@ def test_bounded_staging_streams_sub_groups_of_many_parameters(tmp_path):
     assert runs["one sub-group"].summary["losses"] == reference
     assert runs["several"].summary["losses"] == reference
     assert runs["bf16"].summary["losses"] == runs["bf16 reference"].summary["losses"]
-    assert runs["stock"].summary["losses"][0] == reference[0] and runs["stock"].summary["losses"] != reference
 
 
 def _sub_groups(knobs, plan):
