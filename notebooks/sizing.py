@@ -22,7 +22,7 @@
 #
 # `memlab.estimate` answers from the model's shapes and the knobs alone, in a
 # few milliseconds, with DeepSpeed 0.19.8's own sizing rules (the swap pools,
-# one partition per parameter buffer, optimizer staging sized to the largest
+# one partition per parameter buffer, optimizer buffers sized to the largest
 # sub-group, pinned-memory rounding) and terms calibrated on real runs here.
 # The last section checks it against a real run made in this notebook.
 # `docs/SIZING.md` gives every formula and its DeepSpeed source.
@@ -60,7 +60,8 @@ for engine in ("deepspeed", "memascend"):
 # gradient buffer (one bf16 element per parameter) rounded up to a power of
 # two by PyTorch's pinned allocator, parameter swap buffers all sized to the
 # embedding, optimizer buffers sized to the largest sub-group. MemAscend's
-# exact pinning and adaptive pool take those back.
+# exact pinning and adaptive pool take the first two back; bounded staging
+# caps the optimizer buffers at 4M elements each, whatever the sub-group.
 
 # %% [markdown]
 # ## 7B to 70B, 4K to 128K context, 64 / 128 / 256 GB

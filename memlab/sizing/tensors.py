@@ -141,8 +141,8 @@ def optimizer_transients(layout, grad_checks="stock", staging="stock"):
     the bucket's gradients of swapped sub-groups are kept as device-side fp32 tensors until written out
     together; fp16 checks overflow on full-size temporaries; CPU Adam creates a stepped sub-group's state
     lazily. Hooks: memascend.grad_checks=fused bounds the norm copy to a chunk and drops the overflow
-    temporaries (fused_checks); memascend.optimizer_staging=bounded streams a one-parameter sub-group
-    above the bound, which then needs no whole first-step state (bounded_staging)."""
+    temporaries (fused_checks); memascend.optimizer_staging=bounded streams every swapped sub-group,
+    so none needs a whole first-step state (bounded_staging)."""
     v = layout.values
     fused = grad_checks == "fused"
     largest_grad = max(layout.parts)
