@@ -65,7 +65,7 @@ OPTIMIZATIONS = (
                  "all swapped tensors at fixed offsets in one preallocated region instead of a file each",
                  "direct_storage", (_check_storage_device,)),
     Optimization("memascend.optimizer_staging", "stock", "bounded",
-                 "every sub-group larger than the staging bound is stepped slice by slice through bounded "
+                 "every sub-group whose optimizer state is on NVMe is stepped slice by slice through bounded "
                  "buffers; no full-size first-step copy",
                  "bounded_staging", (_check_bounded_staging,)),
     Optimization("memascend.grad_checks", "stock", "fused",

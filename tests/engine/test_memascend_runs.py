@@ -11,8 +11,8 @@ from memlab.knobs import MEMASCEND_SWITCHES
 from memlab.sizing import aligned_numel, estimate
 from memlab.telemetry import page_round
 
-# A tied-embedding Qwen2 whose embedding (8.4M elements) is one sub-group
-# larger than the staging bound, so bounded staging really streams it.
+# A tied-embedding Qwen2 whose embedding (8.4M elements) is a sub-group of its own, larger than the
+# staging bound: bounded staging streams it in several slices (and the rest of the model in one).
 STREAMED = {"model_type": "qwen2", "vocab_size": 32768, "hidden_size": 256, "intermediate_size": 688,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
             "tie_word_embeddings": True, "max_position_embeddings": 512}
