@@ -133,11 +133,10 @@ def stale_gradient_reads(numels, sub_group_size, block_size, intra_op_parallelis
     tests/engine/test_memascend_runs.py)."""
     stale, index = [], 0
     for group in sub_groups(numels, sub_group_size):
-        offset = 0
+        swapped, offset = swappable(sum(group), FP32, block_size), 0  # its optimizer state on NVMe
         for numel in group:
-            if (swappable(sum(group), FP32, block_size) and swapped_gradient_numel(numel, block_size,
-                                                                                intra_op_parallelism)
-                    and offset * FP32 % O_DIRECT_ALIGNMENT):
+            if swapped and offset * FP32 % O_DIRECT_ALIGNMENT and swapped_gradient_numel(
+                    numel, block_size, intra_op_parallelism):
                 stale.append(index)
             offset += numel
             index += 1
@@ -208,31 +207,56 @@ def staging_slices(numel, bound, intra_op_parallelism=1):
     return [(first, min(first + step, numel)) for first in range(0, numel, step)]
 
 
-def gradient_pieces(offset, numel, group_numel, bound, intra_op_parallelism=1):
-    """A gradient of `numel` elements at `offset` in a streamed sub-group of `group_numel`, cut
-    where slices begin: [(offset, numel)] pieces, each inside one slice."""
-    cuts = [first for first, _ in staging_slices(group_numel, bound, intra_op_parallelism)
-            if offset < first < offset + numel]
-    edges = [offset] + cuts + [offset + numel]
+def slice_cuts(offset, numel, bound, intra_op_parallelism=1):
+    """The places, in the sub-group, where a slice starts inside the element range [offset,
+    offset + numel) of one of its parameters (a range: slices start at multiples of staging_step)."""
+    step = staging_step(bound, intra_op_parallelism)
+    return range((offset // step + 1) * step, offset + numel, step)
+
+
+def gradient_pieces(offset, numel, bound, intra_op_parallelism=1):
+    """A gradient of `numel` elements at `offset` in a streamed sub-group, cut where slices
+    begin: [(offset, numel)] pieces, each inside one slice."""
+    edges = [offset, *slice_cuts(offset, numel, bound, intra_op_parallelism), offset + numel]
     return [(a, b - a) for a, b in zip(edges, edges[1:])]
 
 
 def parameter_writes(numels, bound, param_bytes, intra_op_parallelism=1):
     """Per slice of a streamed sub-group of parameters (`numels`, in order), what is written of
     each parameter's swap file: [[(param index, first, end, file_first, file_end)]], in the
-    parameter's own elements. The file is written in whole aligned blocks (O_DIRECT), so a write
-    starts at `first` rounded down and ends at `end` rounded up to the parameter's element
-    alignment; the block a slice's edge cuts is written again, whole, by the next slice."""
+    parameter's own elements: one write per gradient piece. The file is written in whole aligned
+    blocks (O_DIRECT), so a write starts at `first` rounded down and ends at `end` rounded up to
+    the parameter's element alignment; the block a slice's edge cuts is written again, whole, by
+    the next slice."""
     align = numel_alignment(param_bytes, intra_op_parallelism)
-    offsets = [sum(numels[:i]) for i in range(len(numels))]
-    writes = []
-    for first, end in staging_slices(sum(numels), bound, intra_op_parallelism):
-        writes.append([])
-        for index, (offset, numel) in enumerate(zip(offsets, numels)):
-            a, b = max(first, offset) - offset, min(end, offset + numel) - offset
-            if a < b:
-                writes[-1].append((index, a, b, a - a % align, -(-b // align) * align))
+    step = staging_step(bound, intra_op_parallelism)
+    writes = [[] for _ in range(-(-sum(numels) // step))]
+    offset = 0
+    for index, numel in enumerate(numels):
+        for start, length in gradient_pieces(offset, numel, bound, intra_op_parallelism):
+            a, b = start - offset, start - offset + length
+            writes[start // step].append((index, a, b, a - a % align, -(-b // align) * align))
+        offset += numel
     return writes
+
+
+def streamed_gradient_numel(offset, numel, bound, block_size, intra_op_parallelism=1):
+    """sum(swapped_gradient_numel(piece)) over gradient_pieces(offset, numel, ...), without
+    listing the pieces: every piece but the first and the last is one whole slice."""
+    cuts = slice_cuts(offset, numel, bound, intra_op_parallelism)
+    count = lambda n: swapped_gradient_numel(n, block_size, intra_op_parallelism)  # noqa: E731
+    if not cuts:
+        return count(numel)
+    return count(cuts[0] - offset) + (len(cuts) - 1) * count(cuts.step) + count(offset + numel - cuts[-1])
+
+
+def streamed_parameter_numel(offset, numel, bound, param_bytes, intra_op_parallelism=1):
+    """sum(file_end - file_first) of one parameter's parameter_writes, without listing them: its
+    aligned length, and one more block for each cut that falls inside a block (every cut of a
+    parameter falls at the same place in its block: slices start at multiples of the alignment)."""
+    align = numel_alignment(param_bytes, intra_op_parallelism)
+    cuts = slice_cuts(offset, numel, bound, intra_op_parallelism)
+    return aligned_numel(numel, param_bytes, intra_op_parallelism) + (len(cuts) * align if offset % align else 0)
 
 
 def staging_plan(numels, sub_group_size, staging_elements="auto", intra_op_parallelism=1, block_size=MIN_AIO_BYTES):

@@ -1,6 +1,6 @@
 """What goes to NVMe: the swap files' footprint, and the bytes read and
 written through them per training step."""
-from ..ds_rules import (FP32, aligned_numel, gradient_pieces, parameter_writes, staging_slices, sub_groups, swappable,
+from ..ds_rules import (FP32, aligned_numel, streamed_gradient_numel, streamed_parameter_numel, sub_groups, swappable,
                         swapped_gradient_numel)
 from .layout import bounded
 
@@ -72,20 +72,17 @@ def swap_per_step(layout, staging="stock"):
     starts = [sum(len(g) for g in layout.groups[:i]) for i in range(len(layout.groups))]
     for i in layout.swappable_groups:
         group, size = layout.groups[i], layout.group_sizes[i]
-        if streams:  # every swapped sub-group (ds_rules.streamed_sub_group)
-            opt_bytes += sum(aligned_numel(end - first, FP32, io) for first, end in staging_slices(size, bound, io))
-            offsets = [sum(group[:j]) for j in range(len(group))]
-            grads = [length for offset, numel in zip(offsets, group)
-                     for _, length in gradient_pieces(offset, numel, size, bound, io)]
-            blocks = {}  # each parameter's writes, whole aligned blocks, instead of its whole partition
-            for writes in parameter_writes(group, bound, e, io):
-                for j, _, _, file_first, file_end in writes:
-                    blocks[starts[i] + j] = blocks.get(starts[i] + j, 0) + (file_end - file_first) * e
-            written.update({index: nbytes for index, nbytes in blocks.items() if index in written})
-        else:
-            opt_bytes += aligned_numel(size, FP32, io)  # one tensor per state
-            grads = group  # a gradient file per parameter
-        grad_bytes += sum(swapped_gradient_numel(n, block_size, io) for n in grads) * FP32
+        opt_bytes += aligned_numel(size, FP32, io)  # one tensor per state (in slices: the same, slices are aligned)
+        if not streams:
+            grad_bytes += sum(swapped_gradient_numel(n, block_size, io) for n in group)  # a file per parameter
+            continue
+        offset = 0  # every swapped sub-group is streamed (ds_rules.streamed_sub_group)
+        for j, numel in enumerate(group):
+            grad_bytes += streamed_gradient_numel(offset, numel, bound, block_size, io)  # in pieces
+            if starts[i] + j in written:  # in whole aligned blocks per slice, not the partition at once
+                written[starts[i] + j] = streamed_parameter_numel(offset, numel, bound, e, io) * e
+            offset += numel
+    grad_bytes *= FP32
     opt_bytes *= FP32
     if layout.real_swapping:
         out["out.param"] = sum(written.values())

@@ -3,11 +3,12 @@ give the stock run's losses exactly (fp32, CPU accelerator, fixed seed), and
 each changes the host memory it is meant to change. Its parts without a run:
 tests/unit/test_memascend.py."""
 import pytest
-from helpers import run_together
+from helpers import UNALIGNED, run_together
 
 from memlab import Knobs, KnobError, Lab, ModelSpec
 from memlab import components as C
 from memlab.knobs import MEMASCEND_SWITCHES
+from memlab.ds_rules import sub_groups
 from memlab.sizing import aligned_numel, estimate
 from memlab.telemetry import page_round
 
@@ -146,14 +147,6 @@ def test_bounded_staging_with_parameters_in_ram(tmp_path):
     assert len(stock) == 2 and all(got == stock for got in losses.values()), losses
 
 
-# A Llama whose partitions are not I/O-aligned (hidden 1000): with max_in_cpu above 0 every
-# partition on NVMe is brought into the CPU flat buffer at init (swap_into_buffer), most at
-# unaligned offsets.
-UNALIGNED = {"model_type": "llama", "vocab_size": 4096, "hidden_size": 1000, "intermediate_size": 1400,
-             "num_hidden_layers": 2, "num_attention_heads": 10, "num_key_value_heads": 10,
-             "max_position_embeddings": 256}
-
-
 @pytest.mark.engine
 def test_partitions_brought_into_ram_at_init_match_stock(tmp_path):
     # The adaptive pool failed there with DeepSpeed's `No buffer available to swap param 0.` (its
@@ -179,7 +172,7 @@ def test_partitions_brought_into_ram_at_init_match_stock(tmp_path):
 
 @pytest.mark.engine
 def test_bounded_staging_streams_sub_groups_of_many_parameters(tmp_path):
-    """Every sub-group above the bound is streamed, of one parameter or many: with one sub-group of
+    """Every swapped sub-group is streamed, of one parameter or many: with one sub-group of
     the whole model and with several, the optimizer pool is buffer_count x the bound (locked bytes
     independent of sub_group_size), and the losses are the optimizer's own, exactly, in fp32 and in
     bf16. The reference is the same engine with its optimizer on the CPU (the same CPU Adam, no
@@ -203,8 +196,10 @@ def test_bounded_staging_streams_sub_groups_of_many_parameters(tmp_path):
         assert run.summary["status"] == "ok", f"{name}: {run.summary['error']}"
     for name, (_, knobs) in cases.items():
         if "memascend.optimizer_staging" in knobs:
+            groups = sub_groups([t.numel for t in ModelSpec.resolve(UNALIGNED).tensors()],
+                                knobs["zero_optimization.sub_group_size"])
             plan = Knobs(knobs).resolve(ModelSpec.resolve(UNALIGNED)).staging_plan
-            assert plan["streamed"] and any(len(g) > 1 for g in _sub_groups(knobs, plan))
+            assert plan["streamed"] == list(range(len(groups))) and any(len(g) > 1 for g in groups)
             pool = [a["requested"] for a in runs[name].allocations if a["component"] == C.OPTIMIZER_POOL]
             assert pool == [bound * 4] * 4, name
             assert not [a for a in runs[name].allocations if a["component"] == C.PARAM_PARTITION_BUFFER]
@@ -213,14 +208,6 @@ def test_bounded_staging_streams_sub_groups_of_many_parameters(tmp_path):
     assert runs["one sub-group"].summary["losses"] == reference
     assert runs["several"].summary["losses"] == reference
     assert runs["bf16"].summary["losses"] == runs["bf16 reference"].summary["losses"]
-
-
-def _sub_groups(knobs, plan):
-    from memlab.ds_rules import sub_groups
-
-    numels = [t.numel for t in ModelSpec.resolve(UNALIGNED).tensors()]
-    return [g for i, g in enumerate(sub_groups(numels, knobs["zero_optimization.sub_group_size"]))
-            if i in plan["streamed"]]
 
 
 @pytest.mark.engine

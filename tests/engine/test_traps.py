@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import run_together
+from helpers import UNALIGNED, run_together
 
 from memlab import Knobs, KnobError, Lab, ModelSpec, oplocks
 from memlab.ds_rules import cpu_fp16_supported
@@ -133,13 +133,6 @@ def test_a_risk_is_warned_about_and_run(risky_runs, name):
         assert run.summary["status"] == "failed"
         assert "already assigned swap buffer" in run.summary["error"]  # DeepSpeed's message
         assert "; memlab warned: zero_optimization.stage3_max_live_parameters=10000000" in run.summary["error"]
-
-
-# A Llama whose hidden size (1000) puts most parameters at offsets in their sub-group that are not
-# 512-byte aligned in fp32
-UNALIGNED = {"model_type": "llama", "vocab_size": 4096, "hidden_size": 1000, "intermediate_size": 1400,
-             "num_hidden_layers": 2, "num_attention_heads": 10, "num_key_value_heads": 10,
-             "max_position_embeddings": 256}
 
 
 def test_the_stale_gradient_warning_names_what_plain_deepspeed_misreads(tmp_path):

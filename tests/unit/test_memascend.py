@@ -13,7 +13,8 @@ from memlab import Knobs, KnobError, ModelSpec
 from memlab.engine.memascend import direct_storage, fused_checks
 from memlab.knobs import MEMASCEND_SWITCHES
 from memlab.ds_rules import (DEFAULT_STAGING_ELEMENTS, gradient_pieces, numel_alignment, parameter_writes,
-                             staging_alignment, staging_slices, staging_step, sub_groups)
+                             staging_alignment, staging_slices, staging_step, streamed_gradient_numel,
+                             streamed_parameter_numel, sub_groups, swapped_gradient_numel)
 from memlab.sizing import aligned_numel, staging_plan
 
 
@@ -93,13 +94,17 @@ def test_slices_pieces_and_parameter_writes_cover_each_element_once(seed):
     assert slices[-1][1] == size and all(a % alignment == 0 for a, _ in slices)
     assert all(end - first <= bound - alignment for first, end in slices)
     offsets = [sum(numels[:i]) for i in range(len(numels))]
+    block_size = rng.choice([1 << 20, 1 << 21])
     for offset, numel in zip(offsets, numels):
-        pieces = gradient_pieces(offset, numel, size, bound, io)
+        pieces = gradient_pieces(offset, numel, bound, io)
         assert sum(length for _, length in pieces) == numel and pieces[0][0] == offset
         for start, length in pieces:
             assert any(first <= start and start + length <= end for first, end in slices)
+        # the sizing's closed form is the sum over the pieces
+        assert streamed_gradient_numel(offset, numel, bound, block_size, io) == sum(
+            swapped_gradient_numel(length, block_size, io) for _, length in pieces)
     block = numel_alignment(param_bytes, io)
-    done = [0] * len(numels)
+    done, written = [0] * len(numels), [0] * len(numels)
     for writes in parameter_writes(numels, bound, param_bytes, io):
         for index, first, end, file_first, file_end in writes:
             assert first == done[index] < end <= numels[index]
@@ -108,7 +113,10 @@ def test_slices_pieces_and_parameter_writes_cover_each_element_once(seed):
             if file_first < first:
                 assert done[index] % block  # the block the previous write cut, carried
             done[index] = end
+            written[index] += file_end - file_first
     assert done == numels
+    assert written == [streamed_parameter_numel(offset, numel, bound, param_bytes, io)
+                       for offset, numel in zip(offsets, numels)]
 
 
 def test_the_optimizer_pool_is_the_bound_whatever_the_sub_groups():

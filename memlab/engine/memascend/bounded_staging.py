@@ -149,8 +149,7 @@ def install(knobs, context):
                                                   gradient_swapper)
         offsets, tensors = [], []
         for offset, tensor in zip(gradient_offsets, gradient_tensors):
-            for start, length in gradient_pieces(offset, tensor.numel(), swap_info.numel(), self.largest_numel,
-                                                 io_parallelism(self)):
+            for start, length in gradient_pieces(offset, tensor.numel(), self.largest_numel, io_parallelism(self)):
                 offsets.append(start)
                 tensors.append(tensor.narrow(0, start - offset, length))
         return original["swap_out_gradients"](self, parameter, offsets, tensors, gradient_swapper)
@@ -341,13 +340,16 @@ class StreamedGroup:
         error (the buffer keeps what it held: stock DeepSpeed 0.19.8 steps such parameters on
         stale data), so a piece whose place is unaligned is read at the aligned place before it
         and moved up (read_unaligned). Waits for every read it submits."""
-        pieces = [p for p in self.swap_info.swapped_gradients.values() if first <= p.offset < end]
-        unaligned = [p for p in pieces if (p.offset - first) % STAGING_ALIGNMENT]
-        for piece in pieces:
-            if piece not in unaligned:
+        unaligned = []
+        for piece in sorted(self.swap_info.swapped_gradients.values(), key=lambda p: p.offset):
+            if not first <= piece.offset < end:
+                continue
+            if (piece.offset - first) % STAGING_ALIGNMENT:
+                unaligned.append(piece)
+            else:
                 self.io.read(dest.narrow(0, piece.offset - first, piece.length), piece.path, 0)
         self.io.wait()
-        for piece in sorted(unaligned, key=lambda p: p.offset):  # one at a time: each moves memory its neighbour holds
+        for piece in unaligned:  # in order, one at a time: each moves memory its neighbour holds
             self.read_unaligned(dest, piece.offset - first, piece.length, piece.path)
         for offset, fragment in self.swap_info.unswapped_gradients.items():
             if first <= offset < end:
