@@ -64,8 +64,9 @@ CHOICES = {
     "run.seq_len": [128, 256, 512],
     "run.gradient_checkpointing": [False, False, True],
 }
-# glibc's mmap threshold fixed as in the accuracy test (left dynamic, heap_free depends on the order of frees)
-ALLOCATOR = {"allocator.MALLOC_MMAP_THRESHOLD_": 1 << 20}
+# glibc's mmap threshold fixed as in the accuracy test (left dynamic, heap_free depends on the order of frees):
+# by hand for stock, by memascend.heap for MemAscend
+ALLOCATOR = {"deepspeed": {"allocator.MALLOC_MMAP_THRESHOLD_": 1 << 20}, "memascend": {}}
 
 
 def draw(rng):
@@ -127,7 +128,7 @@ def main():
     while len(cases) < args.samples:
         config, values, engine = draw(rng)
         try:
-            knobs = Knobs({**ALLOCATOR, **values, "run.steps": args.steps}, engine=engine)
+            knobs = Knobs({**ALLOCATOR[engine], **values, "run.steps": args.steps}, engine=engine)
             resolved = ResolvedKnobs(knobs, ModelSpec.resolve(config), accelerator="cpu")
         except KnobError:
             skipped += 1

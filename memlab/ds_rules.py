@@ -250,6 +250,22 @@ def streamed_gradient_numel(offset, numel, bound, block_size, intra_op_paralleli
     return count(cuts[0] - offset) + (len(cuts) - 1) * count(cuts.step) + count(offset + numel - cuts[-1])
 
 
+def kept_gradient_numel(group, block_size, intra_op_parallelism=1, bound=None):
+    """Elements of a swapped sub-group's fp32 gradients (`group`: its parameters' partition numels, in
+    order) that the optimizer swapper keeps in RAM until the step instead of writing them: each
+    gradient's remainder past its whole aligned blocks, and gradients below the swap floor
+    (swapped_gradient_numel). `bound`: the staging bound when bounded staging cuts the gradients
+    where its slices start (streamed_gradient_numel), else None (one piece per parameter)."""
+    swapped, offset = 0, 0
+    for numel in group:
+        if bound is None:
+            swapped += swapped_gradient_numel(numel, block_size, intra_op_parallelism)
+        else:
+            swapped += streamed_gradient_numel(offset, numel, bound, block_size, intra_op_parallelism)
+        offset += numel
+    return sum(group) - swapped
+
+
 def streamed_parameter_numel(offset, numel, bound, param_bytes, intra_op_parallelism=1):
     """sum(file_end - file_first) of one parameter's parameter_writes, without listing them: its
     aligned length, and one more block for each cut that falls inside a block (every cut of a

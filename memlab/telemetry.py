@@ -306,10 +306,12 @@ class Sampler(threading.Thread):
     glibc's heap) are refreshed within a CPU budget (Budgeted); the heap is read
     afresh whenever RSS reaches a new peak or has moved more than HEAP_DRIFT since
     it was last read, so the peak sample's split is never stale and no sample's
-    split is off by more than that.
+    split is off by more than that; a fresh heap reading is taken again (TRIES)
+    while RSS moved by more than that during it.
     """
 
     HEAP_DRIFT = 16 << 20  # the sizing comparison's floor: a split good to it is good enough
+    TRIES = 3  # readings of RSS and the heap until they agree (each a few ms at most)
 
     def __init__(self, writer, attribute, swap_files, interval=0.075):
         super().__init__(name="memlab-sampler", daemon=True)
@@ -330,16 +332,22 @@ class Sampler(threading.Thread):
             return self._sample()
 
     def _sample(self):
-        status = read_status()
+        for _ in range(self.TRIES):
+            status = read_status()
+            rss = status["VmRSS"]
+            fresh = rss > self.peak_rss or abs(rss - self.heap_rss) > self.HEAP_DRIFT
+            reads = self.heap.reads
+            heap = self.heap.get(fresh=fresh)
+            if self.heap.reads == reads:
+                break
+            self.heap_rss = rss
+            # RSS and the heap are two readings: a large tensor written or freed between them would
+            # put its bytes in one and not the other (in `other`); read both again if RSS moved
+            if abs(read_status()["VmRSS"] - rss) <= self.HEAP_DRIFT:
+                break
         io = read_io()
         page_cache = self.page_cache.get()
         self.ticks += 1
-        rss = status["VmRSS"]
-        fresh = rss > self.peak_rss or abs(rss - self.heap_rss) > self.HEAP_DRIFT
-        reads = self.heap.reads
-        heap = self.heap.get(fresh=fresh)
-        if self.heap.reads != reads:
-            self.heap_rss = rss
         self.peak_rss = max(self.peak_rss, rss)
         fields = self.attribute(rss, page_cache, heap)
         return self.writer.emit(

@@ -4,6 +4,7 @@ value) and returns the Buffers in allocation order."""
 from .. import components as C
 from ..ds_rules import FP32, aligned_numel, page_round, pow2_round
 from .layout import bounded
+from .storage import kept_gradient_elements
 from .result import Buffer
 
 
@@ -128,9 +129,16 @@ def optimizer_state(layout):
     return buffers, lazy
 
 
-def grad_flat(layout):
+def grad_flat(layout, grad_staging="stock", staging="stock"):
     """The gradient flat buffer (stage3 _setup_for_real_optimizer): one element of the gradient
-    accumulation dtype per parameter partition, pinned as offload_optimizer.pin_memory says."""
+    accumulation dtype per parameter partition, pinned as offload_optimizer.pin_memory says. Hook of
+    memascend.grad_staging: `bounded` has no flat buffer (grad_staging), only a store, made at init, for
+    the part of the swapped sub-groups' gradients DeepSpeed keeps in RAM until the step (remainders of
+    whole aligned blocks, gradients below the swap floor; memascend.optimizer_staging decides where
+    gradients are cut), in fp32."""
+    if grad_staging == "bounded":
+        kept = FP32 * kept_gradient_elements(layout, staging)
+        return [Buffer(C.GRAD_FLAT, kept, kept, "pageable", "swapped gradients' parts kept in RAM")] if kept else []
     pin = layout.values["zero_optimization.offload_optimizer.pin_memory"]
     return [pinned_buffer(layout, C.GRAD_FLAT, layout.numel * layout.grad_element,
                           "one element per parameter partition", pin=pin)]

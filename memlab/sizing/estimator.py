@@ -16,6 +16,7 @@ from .tensors import activations, heap_free, optimizer_transients, reduce_bucket
 SWITCH_HOOKS = {
     "memascend.pool": (param_pool,),
     "memascend.optimizer_staging": (partition_buffer, optimizer_pool, optimizer_transients, swap_per_step),
+    "memascend.grad_staging": (grad_flat,),
     "memascend.grad_checks": (optimizer_transients,),
     "memascend.pinning": (pin_backend,),
     "memascend.storage": (nvme_bytes,),
@@ -74,11 +75,12 @@ def _estimate(spec, view, resolved, hw):
                  attn_implementation=None if attn == spec.attn_implementation else attn)
     pool, staging = v.get("memascend.pool"), v.get("memascend.optimizer_staging")
     grad_checks, storage = v.get("memascend.grad_checks"), v.get("memascend.storage")
+    grad_staging = v.get("memascend.grad_staging")
 
     state, adam = optimizer_state(layout)  # adam: the Adam state CPU Adam creates at the first step
     allocated = (param_pool(layout, pool=pool) + small_partitions(layout) + param_cpu_flat(layout)
                  + partition_buffer(layout, staging=staging) + optimizer_pool(layout, staging=staging) + state
-                 + grad_flat(layout))
+                 + grad_flat(layout, grad_staging=grad_staging, staging=staging))
     checkpoints = offloaded_checkpoints(layout)
     acts = activations(layout)
     transients = optimizer_transients(layout, grad_checks=grad_checks, staging=staging)

@@ -1,7 +1,6 @@
 """What goes to NVMe: the swap files' footprint, and the bytes read and
 written through them per training step."""
-from ..ds_rules import (FP32, aligned_numel, streamed_gradient_numel, streamed_parameter_numel, sub_groups, swappable,
-                        swapped_gradient_numel)
+from ..ds_rules import FP32, aligned_numel, kept_gradient_numel, streamed_parameter_numel, sub_groups, swappable
 from .layout import bounded
 
 
@@ -66,23 +65,21 @@ def swap_per_step(layout, staging="stock"):
         written = {i: aligned_numel(layout.parts[i], e, io) * e for i in uses}
         out["in.param"] = sum(written[i] * uses[i] for i in uses)
     bound = layout.values["memascend.staging_elements"]
-    block_size = layout.values["aio.block_size"]
     streams = bounded(layout, staging)
-    grad_bytes = opt_bytes = 0
+    opt_bytes = 0
     starts = [sum(len(g) for g in layout.groups[:i]) for i in range(len(layout.groups))]
     for i in layout.swappable_groups:
         group, size = layout.groups[i], layout.group_sizes[i]
         opt_bytes += aligned_numel(size, FP32, io)  # one tensor per state (in slices: the same, slices are aligned)
         if not streams:
-            grad_bytes += sum(swapped_gradient_numel(n, block_size, io) for n in group)  # a file per parameter
             continue
         offset = 0  # every swapped sub-group is streamed (ds_rules.streamed_sub_group)
         for j, numel in enumerate(group):
-            grad_bytes += streamed_gradient_numel(offset, numel, bound, block_size, io)  # in pieces
             if starts[i] + j in written:  # in whole aligned blocks per slice, not the partition at once
                 written[starts[i] + j] = streamed_parameter_numel(offset, numel, bound, e, io) * e
             offset += numel
-    grad_bytes *= FP32
+    swapped_grads = sum(layout.group_sizes[i] for i in layout.swappable_groups)
+    grad_bytes = FP32 * (swapped_grads - kept_gradient_elements(layout, staging))
     opt_bytes *= FP32
     if layout.real_swapping:
         out["out.param"] = sum(written.values())
@@ -96,3 +93,12 @@ def swap_per_step(layout, staging="stock"):
     if opt_bytes:
         first["in.optimizer"] = opt_bytes  # no Adam state on disk yet: the master weights only
     return out, first
+
+
+def kept_gradient_elements(layout, staging="stock"):
+    """Elements of the swapped sub-groups' gradients the optimizer swapper keeps in RAM until the step
+    (ds_rules.kept_gradient_numel: a file per parameter, or per piece where bounded staging cuts
+    gradients where its slices start); the rest it writes to NVMe."""
+    bound = layout.values["memascend.staging_elements"] if bounded(layout, staging) else None
+    block_size = layout.values["aio.block_size"]
+    return sum(kept_gradient_numel(layout.groups[i], block_size, layout.io, bound) for i in layout.swappable_groups)

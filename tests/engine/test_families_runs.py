@@ -21,8 +21,9 @@ pytestmark = pytest.mark.engine
 FAMILIES = ("qwen3", "gpt2", "gpt_neox", "phi3", "mixtral", "qwen3_moe")
 ENGINES = ("deepspeed", "memascend")
 # glibc's mmap threshold fixed, as in the accuracy runs (its dynamic threshold makes heap_free a matter
-# of the order of frees); every other knob at its default.
-KNOBS = {"allocator.MALLOC_MMAP_THRESHOLD_": 1 << 20, "run.steps": 2, "run.seq_len": 64}
+# of the order of frees): by hand for stock, by memascend.heap for MemAscend; every other knob at its default.
+KNOBS = {"run.steps": 2, "run.seq_len": 64}
+ALLOCATOR = {"deepspeed": {"allocator.MALLOC_MMAP_THRESHOLD_": 1 << 20}, "memascend": {}}
 # two families train with eager attention (it saves each layer's attention probabilities), the others
 # with transformers' default (sdpa)
 ATTENTION = {"gpt2": "eager", "mixtral": "eager"}
@@ -37,7 +38,7 @@ def runs(tmp_path_factory):
     swap = str(tmp_path_factory.mktemp("families-swap"))
     jobs, estimates = [], []
     for family, engine in CASES:
-        knobs = Knobs({**KNOBS, "run.swap_dir": swap,
+        knobs = Knobs({**KNOBS, **ALLOCATOR[engine], "run.swap_dir": swap,
                        "run.attn_implementation": ATTENTION.get(family, "auto")}, engine=engine)
         estimates.append(estimate(RUN_FAMILIES[family], knobs, Hardware()))  # before the run: a prediction
         jobs.append((knobs, RUN_FAMILIES[family]))

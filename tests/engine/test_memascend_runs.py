@@ -211,6 +211,50 @@ def test_bounded_staging_streams_sub_groups_of_many_parameters(tmp_path):
 
 
 @pytest.mark.engine
+def test_bounded_grad_staging_keeps_no_gradient_flat_buffer(tmp_path):
+    """memascend.grad_staging=bounded allocates no gradient flat buffer (nothing locked for gradients,
+    whatever sub_group_size), gives the optimizer's own losses exactly, with the optimizer on the CPU
+    (gradients straight into its fp32 gradients: nothing of them kept) and on NVMe (what DeepSpeed keeps
+    of the swapped gradients in RAM goes into one store made at init, the estimate's to the byte, which
+    every step reuses: a store the engine's geometry did not foresee would be a second allocation).
+    The reference is the CPU optimizer with stock gradient staging (on this unaligned shape stock's
+    NVMe optimizer misreads gradients: test_bounded_staging_streams_sub_groups_of_many_parameters)."""
+    staged = {"memascend.grad_staging": "bounded"}
+    nvme = {**staged, "memascend.optimizer_staging": "bounded", "memascend.staging_elements": 300_032}
+    cpu_optimizer = {"zero_optimization.offload_optimizer.device": "cpu"}
+    cases = {  # name: (dtype, knobs)
+        "reference": ("fp32", cpu_optimizer),
+        "cpu": ("fp32", {**cpu_optimizer, **staged}),
+        "nvme, one sub-group": ("fp32", {**nvme, "zero_optimization.sub_group_size": 10**9}),
+        "nvme, several": ("fp32", {**nvme, "zero_optimization.sub_group_size": 3_000_000}),
+        "bf16 reference": ("bf16", cpu_optimizer),
+        "bf16 cpu": ("bf16", {**cpu_optimizer, **staged}),
+    }
+    steps = 3
+    knobs = {name: Knobs({**k, "run.dtype": dtype, "run.steps": steps}) for name, (dtype, k) in cases.items()}
+    runs = dict(zip(cases, run_together(Lab(tmp_path), [(k, UNALIGNED) for k in knobs.values()])))
+    for name, run in runs.items():
+        assert run.summary["status"] == "ok", f"{name}: {run.summary['error']}"
+    stock = [a for a in runs["reference"].allocations if a["component"] == C.GRAD_FLAT]
+    assert [a["requested"] for a in stock] == [4 * ModelSpec.resolve(UNALIGNED).num_params]  # fp32, one per element
+    for name, run in runs.items():
+        if "reference" in name:
+            continue
+        predicted = [(b.requested, b.backend) for b in estimate(UNALIGNED, knobs[name]).buffers
+                     if b.component == C.GRAD_FLAT]
+        grads = [(a["requested"], a["backend"]) for a in run.allocations if a["component"] == C.GRAD_FLAT]
+        assert grads == predicted, name  # pageable: nothing locked
+        assert bool(grads) == ("nvme" in name), name
+    reference = runs["reference"].summary["losses"]
+    assert len(reference) == steps and reference[-1] != reference[0]
+    for name in ("cpu", "nvme, one sub-group", "nvme, several"):
+        assert runs[name].summary["losses"] == reference, name
+    assert runs["bf16 cpu"].summary["losses"] == runs["bf16 reference"].summary["losses"]
+    peak = {name: run.summary["peak_engine_host_bytes"] for name, run in runs.items()}
+    assert peak["cpu"] < peak["reference"] and peak["bf16 cpu"] < peak["bf16 reference"]
+
+
+@pytest.mark.engine
 def test_stock_aio_reads_into_unaligned_memory_fail_silently(tmp_path):
     """DeepSpeed 0.19.8's aio op alone: a file read into pinned memory whose address is not 512-byte
     aligned returns as done and leaves the memory as it was (O_DIRECT refuses it; nothing reports

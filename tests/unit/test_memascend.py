@@ -11,6 +11,7 @@ import torch
 
 from memlab import Knobs, KnobError, ModelSpec
 from memlab.engine.memascend import direct_storage, fused_checks
+from memlab.optimizations import HEAP_MMAP_THRESHOLD
 from memlab.knobs import MEMASCEND_SWITCHES
 from memlab.ds_rules import (DEFAULT_STAGING_ELEMENTS, gradient_pieces, numel_alignment, parameter_writes,
                              staging_alignment, staging_slices, staging_step, streamed_gradient_numel,
@@ -160,9 +161,9 @@ def test_fixed_heap_sets_the_threshold_for_the_worker_the_estimate_and_an_attach
 
     model = ModelSpec.resolve("small-llama")
     fixed = Knobs({"memascend.heap": "fixed"}).resolve(model)
-    assert fixed["allocator.MALLOC_MMAP_THRESHOLD_"] == 1 << 20
+    assert fixed["allocator.MALLOC_MMAP_THRESHOLD_"] == HEAP_MMAP_THRESHOLD
     assert Knobs().resolve(model)["allocator.MALLOC_MMAP_THRESHOLD_"] is None
-    assert attached.environment("memascend.heap", {})["MALLOC_MMAP_THRESHOLD_"] == str(1 << 20)
+    assert attached.environment("memascend.heap", {})["MALLOC_MMAP_THRESHOLD_"] == str(HEAP_MMAP_THRESHOLD)
     # the estimate applies the same rule: blocks of 1 MiB or more leave no free chunks behind
     at_step = {k: estimate(model, Knobs(knobs)).phases["optimizer_step"]["heap_free"]
                for k, knobs in (("dynamic", {}), ("fixed", {"memascend.heap": "fixed"}))}
@@ -172,20 +173,20 @@ def test_fixed_heap_sets_the_threshold_for_the_worker_the_estimate_and_an_attach
 def test_fixed_heap_refuses_a_threshold_the_user_chose():
     model = ModelSpec.resolve("small-llama")
     knob = "allocator.MALLOC_MMAP_THRESHOLD_"
-    with pytest.raises(KnobError, match=rf"{knob}.*memascend.heap=fixed sets it to {1 << 20}"):
+    with pytest.raises(KnobError, match=rf"{knob}.*memascend.heap=fixed sets it to {HEAP_MMAP_THRESHOLD}"):
         Knobs({"memascend.heap": "fixed", knob: 4 << 20}).resolve(model)
     with pytest.raises(KnobError, match=knob):
         Knobs({knob: 4 << 20}, engine="memascend").resolve(model)
     # the switch off, or the value the switch sets: the user's choice stands
     assert Knobs({"memascend.heap": "dynamic", knob: 4 << 20}).resolve(model)[knob] == 4 << 20
-    assert Knobs({"memascend.heap": "fixed", knob: 1 << 20}).resolve(model)[knob] == 1 << 20
+    assert Knobs({"memascend.heap": "fixed", knob: HEAP_MMAP_THRESHOLD}).resolve(model)[knob] == HEAP_MMAP_THRESHOLD
     # a program memlab attaches to: a threshold in its own environment is refused the same way
     from memlab.engine import attached
 
     with pytest.raises(KnobError, match="MALLOC_MMAP_THRESHOLD_='4194304': memascend.heap=fixed sets it to"):
         attached.environment("memascend.heap", {"MALLOC_MMAP_THRESHOLD_": str(4 << 20)})
-    assert attached.environment("memascend.heap", {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})[
-        "MALLOC_MMAP_THRESHOLD_"] == str(1 << 20)
+    assert attached.environment("memascend.heap", {"MALLOC_MMAP_THRESHOLD_": str(HEAP_MMAP_THRESHOLD)})[
+        "MALLOC_MMAP_THRESHOLD_"] == str(HEAP_MMAP_THRESHOLD)
 
 
 # ------------------------------------------------------------------ direct storage

@@ -191,6 +191,34 @@ def test_exact_pinning_removes_cudas_power_of_two_rounding():
     assert grad.backend == "pageable" and grad.reserved == grad.requested
 
 
+def test_bounded_grad_staging_keeps_only_what_the_swapper_leaves_in_ram():
+    from memlab.ds_rules import sub_groups, swapped_gradient_numel
+
+    staged = {"memascend.grad_staging": "bounded"}
+    # optimizer on NVMe, one file per gradient: what stays in RAM is each gradient's remainder past its
+    # whole 1024-byte blocks, and the gradients below the 1 MiB swap floor (small-llama's norms)
+    groups = sub_groups([t.numel for t in SMALL.tensors()], Knobs().resolve(SMALL)["zero_optimization.sub_group_size"])
+    kept = sum(n - swapped_gradient_numel(n, 1 << 20) for group in groups for n in group)
+    stock, bounded = estimate(SMALL), estimate(SMALL, staged)
+    assert [b.requested for b in buffers(stock, C.GRAD_FLAT)] == [SMALL.num_params * FP32]
+    assert [(b.requested, b.backend) for b in buffers(bounded, C.GRAD_FLAT)] == [(kept * FP32, "pageable")]
+    assert 0 < kept < SMALL.num_params / 100
+    assert stock.peak_host_bytes - bounded.peak_host_bytes >= (SMALL.num_params - kept) * FP32
+    # optimizer on the CPU: the gradients go straight to its fp32 gradients, nothing is kept
+    assert buffers(estimate(SMALL, {**staged, O + "device": "cpu"}), C.GRAD_FLAT) == []
+
+
+def test_the_70b_estimate_with_memascend_fits_64_gib():
+    """The README's predicted figure: Llama-3.1-70B, bf16, one 80 GB GPU, every MemAscend switch."""
+    est = estimate("llama-3.1-70b", {"run.dtype": "bf16"}, Hardware(gpus=1, gpu_bytes=80 * GiB, accelerator="cuda"),
+                   engine="memascend")
+    assert est.peak_host_bytes < 64 * GiB
+    # stock: one bf16 element per parameter (131 GiB); left: the gradient pieces below DeepSpeed's 1 MiB swap
+    # floor (bounded optimizer staging cuts gradients where its slices start), well under 1 GiB
+    flat = 2 * ModelSpec.resolve("llama-3.1-70b").num_params
+    assert 0 < est.components[C.GRAD_FLAT] < flat / 500
+
+
 def test_direct_storage_changes_no_host_buffer():
     a, b = estimate("small-llama"), estimate("small-llama", {"memascend.storage": "direct"})
     assert a.buffers == b.buffers and a.peak_host_bytes == b.peak_host_bytes and a.nvme_bytes == b.nvme_bytes

@@ -55,7 +55,7 @@ def install(knobs, context):
         return norm2(input, dtype=get_norm_dtype())
 
     def has_overflow(self, partition_gradients=True):
-        if not partition_gradients:
+        if not partition_gradients or self.grad_partitions_flat_buffer is None:  # None: memascend.grad_staging
             return original_has_overflow(self, partition_gradients)
         flag = torch.tensor([int(has_inf_or_nan(self.grad_partitions_flat_buffer))], dtype=torch.uint8,
                             device=get_accelerator().current_device_name())  # NCCL reduces device tensors
