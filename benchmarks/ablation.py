@@ -30,7 +30,7 @@ WORKLOAD = {
     "zero_optimization.offload_param.buffer_size": 140_000_000,
     "zero_optimization.sub_group_size": 100_000_000,
 }
-TARGETS = {"peak_engine_host_bytes": 0.40, "peak_rss_bytes": 0.60, "step_time": 1.0}
+TARGETS = {"peak_engine_host_bytes": 0.30, "peak_rss_bytes": 0.55, "step_time": 1.0}
 
 
 def variants():

@@ -155,7 +155,9 @@ SPECS = [
     # --- memascend settings that are not on/off switches
     _k("memascend.staging_elements", AUTO, "int",
        "staging bound of memascend.optimizer_staging=bounded, in elements: every swapped sub-group is stepped "
-       "in slices through buffers of this size; auto = the largest sub-group, at most 4194304", minimum=2048,
+       "in slices through buffers of this size; auto = the largest sub-group, at most 4194304. Gradients are cut "
+       "where slices start, and a piece below DeepSpeed's swap floor (aio.block_size, at least 1 MiB) stays in "
+       "RAM until the step", minimum=2048,
        auto=True),
     _k("memascend.storage_device", None, "path",
        "raw block device for memascend.storage=direct (used only when named; its contents are overwritten)",
