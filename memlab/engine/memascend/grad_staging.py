@@ -25,11 +25,13 @@ buffer).
 fp16's overflow check (stock: isinf/isnan over the flat buffer) sees every
 gradient here as it is staged.
 
-Gradient accumulation (several micro-batches per step) would need the
-accumulated gradients somewhere: a program with gradient_accumulation_steps
-> 1 stops at deepspeed.initialize with an error naming this switch (memlab's
-own runs step every micro-batch).
+Where it cannot act, the switch leaves the engine as stock and says so on
+stderr: with gradient accumulation (several micro-batches per step the
+gradients must be summed somewhere between them; memlab's own runs step every
+micro-batch) and without offload_optimizer (then the flat buffer is the
+optimizer's gradients themselves).
 """
+import sys
 import weakref
 
 import torch
@@ -39,8 +41,17 @@ from ...ds_rules import AIO_ALIGNED_BYTES, kept_gradient_numel
 from ...errors import RunError
 from .fused_checks import has_inf_or_nan
 
-ACCUMULATION_ERROR = ("memascend.grad_staging=bounded keeps no gradient between micro-batches: "
-                      "set gradient_accumulation_steps to 1 or memascend.grad_staging=stock")
+INACTIVE = "memlab: memascend.grad_staging=bounded does not act here ({}): DeepSpeed's gradient flat buffer is used"
+
+
+def inactive_reason(optimizer):
+    """Why the switch leaves this optimizer as stock, or None where it acts."""
+    if not optimizer.offload_optimizer:
+        return "no offload_optimizer: the flat buffer is the optimizer's gradients"
+    if optimizer.gradient_accumulation_steps != 1:
+        return (f"gradient_accumulation_steps {optimizer.gradient_accumulation_steps}: the gradients are summed "
+                f"between micro-batches")
+    return None
 
 
 class BoundedGradStaging:
@@ -93,8 +104,8 @@ class BoundedGradStaging:
         from deepspeed.accelerator import get_accelerator
 
         opt = self.optimizer
-        if opt.micro_step_id != 0 or not opt.is_gradient_accumulation_boundary():
-            raise RunError(ACCUMULATION_ERROR)
+        if opt.micro_step_id != 0 or not opt.is_gradient_accumulation_boundary():  # inactive_reason's to prevent
+            raise RunError("memascend.grad_staging=bounded: a gradient arrived between micro-batches")
         gradients, offsets, staged = {}, {}, []
         check_overflow = opt.dtype == torch.float16
         for param, grad_partition in zip(params, grad_partitions):
@@ -183,37 +194,40 @@ def install(knobs, context):
     optimizer_cls = stage3.DeepSpeedZeroOptimizer_Stage3
     original_has_overflow = _require(optimizer_cls, "has_overflow")
     original_step = _require(optimizer_cls, "step")
-    for name in ("_setup_for_real_optimizer", "partition_grads", "_offload_grad_partition_at_boundary",
-                 "_swap_out_offload_fp32_gradients", "_create_fp32_partitions", "initialize_optimizer_states"):
+    for name in ("_offload_grad_partition_at_boundary", "_swap_out_offload_fp32_gradients", "_create_fp32_partitions",
+                 "initialize_optimizer_states"):
         _require(optimizer_cls, name)
     probes = context.get("probes")
     streamed = knobs.get("memascend.optimizer_staging") == "bounded"
 
+    originals = {name: _require(optimizer_cls, name) for name in ("_setup_for_real_optimizer", "partition_grads")}
+
     def staging(optimizer):
-        found = optimizer.__dict__.get("_memlab_grad_staging")
-        if found is None:
-            found = optimizer.__dict__["_memlab_grad_staging"] = BoundedGradStaging(optimizer, probes, streamed)
-        return found
+        """The optimizer's BoundedGradStaging, or None where the switch does not act (stock)."""
+        return optimizer.__dict__.get("_memlab_grad_staging")
 
     def _setup_for_real_optimizer(self):
-        if not self.offload_optimizer:  # on the device the flat buffer is the averaged gradients themselves
-            raise RunError("memascend.grad_staging=bounded needs zero_optimization.offload_optimizer "
-                           "(device cpu or nvme)")
-        if self.gradient_accumulation_steps != 1:
-            raise RunError(ACCUMULATION_ERROR)
+        reason = inactive_reason(self)
+        if reason is not None:
+            print(INACTIVE.format(reason), file=sys.stderr, flush=True)
+            return originals["_setup_for_real_optimizer"](self)
+        self.__dict__["_memlab_grad_staging"] = BoundedGradStaging(self, probes, streamed)
         staging(self).setup_for_real_optimizer()
 
     def partition_grads(self, params_to_release, grad_partitions):
+        if staging(self) is None:
+            return originals["partition_grads"](self, params_to_release, grad_partitions)
         return staging(self).partition_grads(params_to_release, grad_partitions)
 
     def has_overflow(self, partition_gradients=True):
-        if not partition_gradients:
+        if not partition_gradients or staging(self) is None:
             return original_has_overflow(self, partition_gradients)
         return staging(self).has_overflow(partition_gradients)
 
     def step(self, *args, **kwargs):
         result = original_step(self, *args, **kwargs)
-        staging(self).step_ended()
+        if staging(self) is not None:
+            staging(self).step_ended()
         return result
 
     patching.replace(optimizer_cls, "_setup_for_real_optimizer", _setup_for_real_optimizer)
