@@ -104,7 +104,9 @@ def install(knobs, context):
         "reserve": _require(param_swapper_cls, "reserve_partitioned_swap_space"),
     }
     for name in ("unscale_and_clip_grads", "_optimizer_step", "_optimizer_states_and_gradient_swap_in",
-                 "_optimizer_states_and_gradient_swap_out", "reset_swap_buffers", "get_full_hp_param",
+                 "_optimizer_states_and_gradient_swap_out", "_release_swap_buffers", "_writeback_swap_state",
+                 "_get_fp32_opt_state_partition",
+                 "reset_swap_buffers", "get_full_hp_param",
                  "set_full_hp_param") + SKIPPED_WHEN_STREAMED:
         original[name] = _require(zero_cls, name)
 
@@ -121,16 +123,20 @@ def install(knobs, context):
     zero_init.__name__ = "__init__"
 
     def _create_fp16_partitions_with_defragmentation(self, fp16_param_groups):
-        if self.swap_optimizer:  # staging acts on optimizer state swapped to NVMe only
+        # staging acts on optimizer state swapped to NVMe, stepped by DeepSpeed's CPU Adam (its kernel
+        # steps a slice; another optimizer, a torch one, steps whole sub-groups as stock does)
+        if self.swap_optimizer and hasattr(self.optimizer, "ds_opt_adam"):
             groups = [[p.partition_numel() for p in sub_group] for param_group in fp16_param_groups
                       for sub_group in self._create_fp16_sub_groups(param_group["params"])]
             if groups:
                 plan.update(staging_plan_of_groups(groups, staging_elements, *plan.get("aio", (1, MIN_AIO_BYTES))))
+        self.memlab_streams = bool(plan.get("streamed"))
         return original["partitions"](self, fp16_param_groups)
 
     # -- pool and partition buffer: sized by B, not by the largest sub-group ----
     def __init__(self, swap_config, aio_config, base_folder, optimizer, largest_numel, *args, **kwargs):
         bound = plan.get("bound", largest_numel)
+        self.memlab_streams = bool(plan.get("streamed"))
         original["init"](self, swap_config, aio_config, base_folder, optimizer, min(largest_numel, bound),
                          *args, **kwargs)
 
@@ -144,7 +150,7 @@ def install(knobs, context):
     # -- gradients of a streamed sub-group: written in pieces cut where slices begin ----
     def _swap_out_gradients(self, parameter, gradient_offsets, gradient_tensors, gradient_swapper):
         swap_info = self.swap_params_info.get(base_cls.parameter_id(parameter))
-        if swap_info is None:  # not swapped: nothing to cut
+        if swap_info is None or not getattr(self, "memlab_streams", False):  # not swapped, or not streamed
             return original["swap_out_gradients"](self, parameter, gradient_offsets, gradient_tensors,
                                                   gradient_swapper)
         offsets, tensors = [], []
@@ -176,7 +182,7 @@ def install(knobs, context):
     # -- the step: streamed sub-groups bypass the whole-sub-group path ---------------
     def streamed(self, sub_group_id):
         # DeepSpeed's own test of streamed_sub_group: every sub-group whose optimizer state it swaps
-        return self._swappable_optimizer_subgroup(sub_group_id)
+        return getattr(self, "memlab_streams", False) and self._swappable_optimizer_subgroup(sub_group_id)
 
     def unscale_and_clip_grads(self, sub_group_id, total_norm):
         if not streamed(self, sub_group_id):
@@ -191,16 +197,52 @@ def install(knobs, context):
     # initialize_optimizer_states swaps each sub-group in, hangs a gradient on it,
     # and swaps it out. For a streamed one, an untouched (virtual) tensor of the
     # right size stands in for the master weights: no bytes are read or resident.
+    # DeepSpeed's fp32 gradient API (safe_get/set/update_full_grad and their local forms) swaps a
+    # sub-group in and reads or writes its whole gradient: for a streamed one the gradient is read
+    # from its pieces into a tensor of the sub-group's size (only on that path, never in training)
+    # and written back piece by piece.
     def _optimizer_states_and_gradient_swap_in(self, sub_group_id, timer_names=None):
         if not streamed(self, sub_group_id):
             return original["_optimizer_states_and_gradient_swap_in"](self, sub_group_id, timer_names)
         numel = self.fp16_partitioned_groups_flat_numel[sub_group_id]
-        self.fp32_partitioned_groups_flat[sub_group_id].data = torch.empty(
-            numel, dtype=self.fp32_partitioned_groups_flat[sub_group_id].dtype)
+        fp32_param = self.fp32_partitioned_groups_flat[sub_group_id]
+        fp32_param.data = torch.empty(numel, dtype=fp32_param.dtype)
+        group = StreamedGroup(self, sub_group_id, probes)
+        if group.swap_info.has_gradients():  # after a backward: the API's path
+            fp32_param.grad = torch.empty(numel, dtype=fp32_param.dtype)
+            group.gradient_range(fp32_param.grad, 0, write=False)
+
+    def _release_swap_buffers(self, sub_group_id):
+        if not streamed(self, sub_group_id):
+            return original["_release_swap_buffers"](self, sub_group_id)
+        _optimizer_states_and_gradient_swap_out(self, sub_group_id)
+
+    def _writeback_swap_state(self, sub_group_id, write_opt_state, write_gradients):
+        if not streamed(self, sub_group_id):
+            return original["_writeback_swap_state"](self, sub_group_id, write_opt_state, write_gradients)
+        fp32_param = self.fp32_partitioned_groups_flat[sub_group_id]
+        if write_gradients and fp32_param.grad is not None:
+            StreamedGroup(self, sub_group_id, probes).gradient_range(fp32_param.grad, 0, write=True)
+        _optimizer_states_and_gradient_swap_out(self, sub_group_id)
+
+    def _get_fp32_opt_state_partition(self, param, release_swap_buffers, optim_state_key=None):
+        group, offset, numel = self.grad_position[self.get_param_id(param)]
+        if not streamed(self, group):
+            return original["_get_fp32_opt_state_partition"](self, param, release_swap_buffers, optim_state_key)
+        # the local API: a master or Adam state range read into its own tensor; one a setter is handed
+        # (release_swap_buffers False) is written back at the swap-out that follows it
+        value = torch.empty(numel, dtype=torch.float32)
+        StreamedGroup(self, group, probes).state_range(optim_state_key, value, offset, write=False)
+        if not release_swap_buffers:
+            self.__dict__.setdefault("memlab_state_writes", {}).setdefault(group, []).append(
+                (optim_state_key, value, offset))
+        return value, group
 
     def _optimizer_states_and_gradient_swap_out(self, sub_group_id, timer_names=None):
         if not streamed(self, sub_group_id):
             return original["_optimizer_states_and_gradient_swap_out"](self, sub_group_id, timer_names)
+        for key, value, offset in self.__dict__.get("memlab_state_writes", {}).pop(sub_group_id, []):
+            StreamedGroup(self, sub_group_id, probes).state_range(key, value, offset, write=True)
         fp32_param = self.fp32_partitioned_groups_flat[sub_group_id]
         fp32_param.grad = None
         fp32_param.data = torch.empty(0, dtype=fp32_param.dtype)
@@ -247,7 +289,9 @@ def install(knobs, context):
     patching.replace(base_cls, "_swap_out_gradients", _swap_out_gradients)
     patching.replace(base_cls, "_initialize_parameters", _initialize_parameters)
     for function in (unscale_and_clip_grads, _optimizer_step, _optimizer_states_and_gradient_swap_in,
-                     _optimizer_states_and_gradient_swap_out, reset_swap_buffers, get_full_hp_param,
+                     _optimizer_states_and_gradient_swap_out, _release_swap_buffers, _writeback_swap_state,
+                     _get_fp32_opt_state_partition,
+                     reset_swap_buffers, get_full_hp_param,
                      set_full_hp_param):
         patching.replace(zero_cls, function.__name__, function)
     for name in SKIPPED_WHEN_STREAMED:
@@ -355,6 +399,41 @@ class StreamedGroup:
             if first <= offset < end:
                 dest.narrow(0, offset - first, fragment.numel()).copy_(fragment)
 
+    def pool_buffer(self):
+        """One optimizer pool buffer of the bound, for reads and writes outside the step. After a
+        backward the gradient swapper holds every pool buffer until its writes are flushed."""
+        swapper = self.swapper
+        swapper._flush_gradient_swapper(swapper.gradient_swapper)
+        (buffer,) = swapper.swap_buffer_manager.allocate(num_elems=self.bound, count=1, dtype=swapper.dtype)
+        assert buffer is not None, "memascend staging: no free optimizer pool buffer"
+        return buffer
+
+    def gradient_range(self, tensor, offset, write):
+        """The sub-group's gradient elements [offset, offset + tensor.numel()): read into `tensor` a
+        slice at a time through one pool buffer, or written from it, each swapped piece to its own
+        file (whole: pieces never cross a slice) and each fragment kept in RAM copied in place."""
+        swapper = self.swapper
+        buffer = self.pool_buffer()
+        end = offset + tensor.numel()
+        try:
+            if not write:
+                for first, slice_end in self.slices:
+                    a, b = max(first, offset), min(slice_end, end)
+                    if a < b:
+                        self.read_gradients(buffer, first, slice_end)
+                        tensor.narrow(0, a - offset, b - a).copy_(buffer.narrow(0, a - first, b - a))
+                return
+            for piece in self.swap_info.swapped_gradients.values():
+                if offset <= piece.offset < end:
+                    buffer.narrow(0, 0, piece.length).copy_(tensor.narrow(0, piece.offset - offset, piece.length))
+                    self.io.write(buffer.narrow(0, 0, swapper._io_aligned_numel(piece.length)), piece.path, 0)
+                    self.io.wait()
+            for start, fragment in self.swap_info.unswapped_gradients.items():
+                if offset <= start < end:
+                    fragment.copy_(tensor.narrow(0, start - offset, fragment.numel()).view(fragment.shape))
+        finally:
+            swapper.swap_buffer_manager.free([buffer])
+
     def read_unaligned(self, dest, position, length, path):
         """`length` elements of `path` into dest at an unaligned `position`: read at the aligned
         place `shift` elements before it, then moved up by `shift` (from the end, through a small
@@ -431,8 +510,7 @@ class StreamedGroup:
             path = self.state_paths[STATE_NAMES.index(key)]
         else:
             raise KeyError(key)
-        (buffer,) = swapper.swap_buffer_manager.allocate(num_elems=self.bound, count=1, dtype=swapper.dtype)
-        assert buffer is not None, "memascend staging: no free optimizer pool buffer"
+        buffer = self.pool_buffer()
         end = offset + tensor.numel()
         try:
             for first, slice_end in self.slices:
