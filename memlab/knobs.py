@@ -133,6 +133,8 @@ SPECS = [
        "transformers' attention kernel (eager keeps each layer's attention probabilities for backward: bytes "
        "quadratic in seq_len); auto = transformers' default for the model", choices=ATTN_IMPLEMENTATIONS, auto=True),
     _k("run.steps", 3, "int", "optimizer steps", minimum=1),
+    _k("run.grad_accum", 1, "int", "micro-batches whose gradients are summed per optimizer step "
+       "(DeepSpeed's gradient_accumulation_steps)", minimum=1),
     _k("run.gradient_checkpointing", False, "bool", "recompute activations in backward"),
     _k("run.seed", 0, "int", "seed for weights and synthetic data", minimum=0),
     _k("run.lr", 1e-4, "float", "Adam learning rate", minimum=0.0),
@@ -498,8 +500,11 @@ class Knobs:
                         values["run.lr"] = lr
                 params.update({k: TRAINER_DEFAULTS[k] for k, v in params.items() if v == AUTO and k in TRAINER_DEFAULTS})
                 passthrough["optimizer"] = optimizer
-            elif key in ("train_batch_size", "gradient_accumulation_steps"):
-                continue  # derived from run.micro_batch on one rank ("auto" too)
+            elif key == "gradient_accumulation_steps":
+                if value != AUTO:  # "auto": the Trainer's gradient_accumulation_steps, memlab's run.grad_accum
+                    values["run.grad_accum"] = value
+            elif key == "train_batch_size":
+                continue  # derived from run.micro_batch and run.grad_accum ("auto" too)
             elif key == "gradient_clipping" and value == AUTO:
                 passthrough[key] = TRAINER_DEFAULTS[key]
             elif key == "scheduler" and isinstance(value, dict):
@@ -658,7 +663,7 @@ class ResolvedKnobs:
         optimizer = config.pop("optimizer", {"type": "Adam", "params": {}})
         config.update({
             "train_micro_batch_size_per_gpu": v["run.micro_batch"],
-            "gradient_accumulation_steps": 1,
+            "gradient_accumulation_steps": v["run.grad_accum"],
             "optimizer": {**optimizer, "params": {**optimizer["params"], "lr": v["run.lr"]}},
             "zero_optimization": zero,
             "aio": {n.split(".", 1)[1]: value for n, value in v.items() if n.startswith("aio.")},

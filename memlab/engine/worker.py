@@ -311,21 +311,26 @@ class Worker:
         resumed = self._resume(engine)
         self.probes.take_step_counters()  # init I/O is not a training step's
         batches = self._batches(torch, spec)
-        for _ in range(resumed):  # the batches the checkpointed run already trained on
+        micro_batches = k["run.grad_accum"]
+        for _ in range(resumed * micro_batches):  # the batches the checkpointed run already trained on
             next(batches)
         self.check_stop()
 
         for index in range(k["run.steps"]):
             self.step_index = index + 1
-            input_ids = next(batches).to(engine.device)  # DeepSpeed does not move inputs (a GPU's model)
             started, cpu_started = time.perf_counter(), time.process_time()
             telemetry_before = self.sampler.cpu_seconds if self.sampler else 0.0
-            self.enter_phase("forward")
-            loss = engine(input_ids=input_ids, labels=input_ids).loss
-            self.enter_phase("backward")
-            engine.backward(loss)
-            self.enter_phase("optimizer_step")
-            engine.step()
+            losses = []
+            for micro in range(micro_batches):  # DeepSpeed sums their gradients and steps at the last
+                input_ids = next(batches).to(engine.device)  # DeepSpeed does not move inputs (a GPU's model)
+                self.enter_phase("forward")
+                loss = engine(input_ids=input_ids, labels=input_ids).loss
+                self.enter_phase("backward")
+                engine.backward(loss)
+                if micro == micro_batches - 1:
+                    self.enter_phase("optimizer_step")
+                engine.step()
+                losses.append(float(loss.detach().float().item()))
             if index == 0 and k["run.telemetry"]:
                 probe_hooks.attribute_optimizer_state(self.probes, optimizer)
             if k["allocator.malloc_trim"] == "each_step":
@@ -342,7 +347,7 @@ class Worker:
             counters["telemetry_seconds"] = round(sampler_cpu - telemetry_before + self.probes.hook_seconds, 6)
             self.probes.hook_seconds = 0.0
             counters["swap_files"] = len(self._swap_files())  # files the swap folder holds (creations)
-            value = float(loss.detach().float().item())
+            value = sum(losses) / len(losses)  # the step's loss: the mean over its micro-batches
             self.writer.emit("step", index=self.step_index, seconds=round(seconds, 6), loss=value, **counters)
             print(f"memlab: rank {self.rank} step {self.step_index}/{k['run.steps']} loss {value:.4f} "
                   f"{seconds:.2f}s", file=sys.stderr, flush=True)

@@ -16,7 +16,7 @@ from .tensors import activations, heap_free, optimizer_transients, reduce_bucket
 SWITCH_HOOKS = {
     "memascend.pool": (param_pool,),
     "memascend.optimizer_staging": (partition_buffer, optimizer_pool, optimizer_transients, swap_per_step),
-    "memascend.grad_staging": (grad_flat,),
+    "memascend.grad_staging": (grad_flat, swap_per_step),
     "memascend.grad_checks": (optimizer_transients,),
     "memascend.pinning": (pin_backend,),
     "memascend.storage": (nvme_bytes,),
@@ -92,7 +92,7 @@ def _estimate(spec, view, resolved, hw):
     notes = []
     if device is not None:
         notes.append("GPU figures follow DeepSpeed's source; memlab has not measured them on a GPU")
-    steady, first = swap_per_step(layout, staging=staging)
+    steady, first = swap_per_step(layout, staging=staging, grad_staging=grad_staging)
     if v["zero_optimization.stage3_max_reuse_distance"] > 0 and layout.real_swapping:
         notes.append("stage3_max_reuse_distance > 0: parameter reads per step assume no reuse (an upper bound)")
     return Estimate(model=spec.name, engine=resolved.engine, knobs=dict(v), hardware=hw,

@@ -49,21 +49,24 @@ def _param_fetches(layout):
     return uses
 
 
-def swap_per_step(layout, staging="stock"):
+def swap_per_step(layout, staging="stock", grad_staging="stock"):
     """Bytes through the swap files per training step, by direction and kind, as the probes count them
     (`swap_by_kind`): (steady state, first step). Parameters (partitioned_param_swapper) only while they
-    really swap; per swapped sub-group its three fp32 states and its gradients (optimizer swappers;
-    gradient remainders and gradients below the swap floor stay in RAM). Hook of
-    memascend.optimizer_staging: `bounded` reads and writes every swapped sub-group in slices, its
-    gradients in pieces cut where slices begin, and its parameters in whole aligned blocks (bounded_staging)."""
+    really swap, fetched in every micro-batch (run.grad_accum); per swapped sub-group its three fp32
+    states and its gradients (optimizer swappers; gradient remainders and gradients below the swap floor
+    stay in RAM). Hook of memascend.optimizer_staging: `bounded` reads and writes every swapped sub-group
+    in slices, its gradients in pieces cut where slices begin, and its parameters in whole aligned blocks
+    (bounded_staging). Hook of memascend.grad_staging: `bounded` sums micro-batches in the gradient files,
+    so each micro-batch writes the swapped gradients and each after the first reads them back first."""
     out = {}
+    micro_batches = layout.values.get("run.grad_accum", 1)
     e, io = layout.element, layout.io
     written = {}  # partition index: parameter bytes written at the optimizer step
     uses = {}
     if layout.real_swapping:
         uses = _param_fetches(layout)
         written = {i: aligned_numel(layout.parts[i], e, io) * e for i in uses}
-        out["in.param"] = sum(written[i] * uses[i] for i in uses)
+        out["in.param"] = micro_batches * sum(written[i] * uses[i] for i in uses)
     bound = layout.values["memascend.staging_elements"]
     streams = bounded(layout, staging)
     opt_bytes = 0
@@ -87,8 +90,9 @@ def swap_per_step(layout, staging="stock"):
         out["out.optimizer"] = 3 * opt_bytes
         out["in.optimizer"] = 3 * opt_bytes
     if grad_bytes:
-        out["out.gradient"] = grad_bytes
-        out["in.gradient"] = grad_bytes
+        summed_on_nvme = micro_batches if grad_staging == "bounded" else 1
+        out["out.gradient"] = grad_bytes * summed_on_nvme
+        out["in.gradient"] = grad_bytes * summed_on_nvme
     first = dict(out)
     if opt_bytes:
         first["in.optimizer"] = opt_bytes  # no Adam state on disk yet: the master weights only

@@ -45,6 +45,7 @@ SECTIONS = (
     ("Run shape", (
         "run.steps",
         "run.micro_batch",
+        "run.grad_accum",
         "run.seq_len",
         "run.dtype",
         "run.gradient_checkpointing",

@@ -255,6 +255,43 @@ def test_bounded_grad_staging_keeps_no_gradient_flat_buffer(tmp_path):
 
 
 @pytest.mark.engine
+def test_gradient_accumulation_with_every_switch_gives_the_stock_losses(tmp_path):
+    """run.grad_accum 2 and 4 on the streamed model: every switch together (gradients summed in the
+    gradient files on NVMe between micro-batches) gives stock's losses to the bit, and the bytes through
+    the files per step are the estimate's (each micro-batch fetches the parameters again; bounded
+    gradient staging writes the gradients every micro-batch and reads them back after the first). With
+    the optimizer on the CPU (gradients summed in its fp32 gradients), in fp32 and in bf16, the same."""
+    cpu = {"zero_optimization.offload_optimizer.device": "cpu"}
+    staged = {"memascend.grad_staging": "bounded"}
+    cases = {  # name: (engine, knobs)
+        "stock 2": ("deepspeed", {"run.grad_accum": 2}),
+        "all 2": ("memascend", {"run.grad_accum": 2}),
+        "stock 4": ("deepspeed", {"run.grad_accum": 4}),
+        "all 4": ("memascend", {"run.grad_accum": 4}),
+        "cpu stock 2": ("deepspeed", {**cpu, "run.grad_accum": 2}),
+        "cpu staged 2": ("deepspeed", {**cpu, **staged, "run.grad_accum": 2}),
+        "bf16 cpu stock 2": ("deepspeed", {**cpu, "run.grad_accum": 2, "run.dtype": "bf16"}),
+        "bf16 cpu staged 2": ("deepspeed", {**cpu, **staged, "run.grad_accum": 2, "run.dtype": "bf16"}),
+    }
+    knobs = {name: Knobs({**k, "run.steps": 3}, engine=engine) for name, (engine, k) in cases.items()}
+    runs = dict(zip(cases, run_together(Lab(tmp_path), [(k, STREAMED) for k in knobs.values()])))
+    for name, run in runs.items():
+        assert run.summary["status"] == "ok", f"{name}: {run.summary['error']}"
+        assert not any("does not act" in line for line in run.logs), name
+    for stock, switched in (("stock 2", "all 2"), ("stock 4", "all 4"), ("cpu stock 2", "cpu staged 2"),
+                            ("bf16 cpu stock 2", "bf16 cpu staged 2")):
+        losses = runs[stock].summary["losses"]
+        assert len(losses) == 3 and losses[-1] != losses[0]
+        assert runs[switched].summary["losses"] == losses, switched
+    assert runs["stock 2"].summary["losses"] != runs["stock 4"].summary["losses"]  # the micro-batches count
+    for name in ("stock 2", "all 2", "stock 4", "all 4"):
+        predicted = estimate(STREAMED, knobs[name])
+        for step in (e for e in runs[name].events if e["kind"] == "step"):
+            want = predicted.swap_first_step if step["index"] == 1 else predicted.swap_per_step
+            assert {k: v for k, v in step["swap_by_kind"].items() if v} == want, (name, step["index"])
+
+
+@pytest.mark.engine
 def test_stock_aio_reads_into_unaligned_memory_fail_silently(tmp_path):
     """DeepSpeed 0.19.8's aio op alone: a file read into pinned memory whose address is not 512-byte
     aligned returns as done and leaves the memory as it was (O_DIRECT refuses it; nothing reports

@@ -70,6 +70,7 @@ EXPECTED_DEFAULTS = {
     "run.dtype": "auto",
     "run.attn_implementation": "auto",
     "run.steps": 3,
+    "run.grad_accum": 1,
     "run.gradient_checkpointing": False,
     "run.seed": 0,
     "run.lr": 1e-4,
@@ -821,6 +822,7 @@ def test_from_ds_config_reads_deepspeed_style_values():
     })
     assert k.diff(Knobs()) == {
         "run.micro_batch": (2, 1),
+        "run.grad_accum": (4, 1),
         "run.lr": (2e-5, 1e-4),
         "run.dtype": ("bf16", "auto"),
         Z + "sub_group_size": (int(1e9), "auto"),
@@ -831,7 +833,7 @@ def test_from_ds_config_reads_deepspeed_style_values():
         "aio.queue_depth": (32, 8),
     }
     assert isinstance(k[P + "buffer_size"], int)
-    # batch sizes are derived, nvme_path is per run; the optimizer section is kept without its lr (run.lr)
+    # train_batch_size is derived, nvme_path is per run; the optimizer section is kept without its lr (run.lr)
     assert k.passthrough == {"gradient_clipping": 1.0, "optimizer": {"type": "Adam", "params": {}}}
 
 
@@ -1010,12 +1012,13 @@ def test_an_aio_section_inside_zero_optimization_is_refused_as_deepspeed_does():
 
 
 def test_set_takes_deepspeeds_own_top_level_names(capsys):
-    # as a --knobs ds_config does: the micro batch becomes run.micro_batch, accumulation is one rank's
+    # as a --knobs ds_config does: the micro batch becomes run.micro_batch, accumulation run.grad_accum
     from memlab.cli import main
 
     assert main(["estimate", "--set", "train_micro_batch_size_per_gpu=3", "--set", "gradient_accumulation_steps=4",
                  "--set", "gradient_clipping=0.5", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["knobs"]["run.micro_batch"] == 3
+    knobs = json.loads(capsys.readouterr().out)["knobs"]
+    assert knobs["run.micro_batch"] == 3 and knobs["run.grad_accum"] == 4
 
 
 def test_checkpoint_knobs_are_checked_before_the_run(tmp_path):

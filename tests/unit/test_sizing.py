@@ -208,6 +208,22 @@ def test_bounded_grad_staging_keeps_only_what_the_swapper_leaves_in_ram():
     assert buffers(estimate(SMALL, {**staged, O + "device": "cpu"}), C.GRAD_FLAT) == []
 
 
+def test_gradient_accumulation_repeats_the_fetches_and_bounded_staging_sums_on_nvme():
+    """run.grad_accum N: each micro-batch fetches the swapped parameters again (stock and bounded alike);
+    the gradients cross the files once a step in stock (summed in its flat buffer) and once a micro-batch
+    with bounded gradient staging (written each micro-batch, read back before each later one adds to them);
+    the host buffers do not change."""
+    for staged in ({}, {"memascend.grad_staging": "bounded"}):
+        one = estimate(SMALL, staged)
+        for n in (2, 4):
+            many = estimate(SMALL, {**staged, "run.grad_accum": n})
+            summed = n if staged else 1
+            assert many.swap_per_step == {**one.swap_per_step, "in.param": n * one.swap_per_step["in.param"],
+                                          "in.gradient": summed * one.swap_per_step["in.gradient"],
+                                          "out.gradient": summed * one.swap_per_step["out.gradient"]}
+            assert many.buffers == one.buffers
+
+
 def test_the_70b_estimate_with_memascend_fits_64_gib():
     """The README's predicted figure: Llama-3.1-70B, bf16, one 80 GB GPU, every MemAscend switch."""
     est = estimate("llama-3.1-70b", {"run.dtype": "bf16"}, Hardware(gpus=1, gpu_bytes=80 * GiB, accelerator="cuda"),

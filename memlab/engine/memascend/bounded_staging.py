@@ -60,12 +60,14 @@ class StreamIO:
         self.pending = 0
 
     def read(self, buffer, path, offset_bytes):
-        self.probes.record_io("in", [buffer], [path])
+        if self.probes is not None:
+            self.probes.record_io("in", [buffer], [path])
         direct_storage.submit_read(self.handle, buffer, path, offset_bytes)
         self.pending += 1
 
     def write(self, buffer, path, offset_bytes):
-        self.probes.record_io("out", [buffer], [path])
+        if self.probes is not None:
+            self.probes.record_io("out", [buffer], [path])
         direct_storage.submit_write(self.handle, buffer, path, offset_bytes)
         self.pending += 1
 

@@ -22,14 +22,23 @@ are views of the flat buffer; here they would be views of the bucket, which
 the next bucket overwrites, so they are copied into one small store that
 every step reuses (the `grad_flat` component: all that is left of the flat
 buffer).
-fp16's overflow check (stock: isinf/isnan over the flat buffer) sees every
-gradient here as it is staged.
+fp16's overflow check (stock: isinf/isnan over the flat buffer at the step)
+sees every summed gradient here as it is staged at the boundary.
 
-Where it cannot act, the switch leaves the engine as stock and says so on
-stderr: with gradient accumulation (several micro-batches per step the
-gradients must be summed somewhere between them; memlab's own runs step every
-micro-batch) and without offload_optimizer (then the flat buffer is the
-optimizer's gradients themselves).
+Gradient accumulation (several micro-batches per step) sums where the
+gradient will be read: a sub-group whose optimizer state is in RAM sums into
+its fp32 gradient (which stock keeps for the whole run anyway); a swapped
+sub-group sums on NVMe, in the very gradient files the step reads: the first
+micro-batch writes them, each later one reads its parameter's pieces back
+through one optimizer pool buffer, adds, and writes them again. RAM stays
+bounded by one pool buffer and one parameter partition; the price is one
+extra read and write of the gradients per micro-batch after the first. The
+sum is stock's to the bit: the previous sum in the accumulation dtype (stored
+losslessly in the wider master dtype) plus the new partition, in that dtype.
+
+Without offload_optimizer the flat buffer is the optimizer's gradients
+themselves: there the switch leaves the engine as stock and says so on
+stderr.
 """
 import sys
 import weakref
@@ -38,7 +47,7 @@ import torch
 
 from ... import components as C
 from ...ds_rules import AIO_ALIGNED_BYTES, kept_gradient_numel
-from ...errors import RunError
+from .bounded_staging import StreamIO
 from .fused_checks import has_inf_or_nan
 
 INACTIVE = "memlab: memascend.grad_staging=bounded does not act here ({}): DeepSpeed's gradient flat buffer is used"
@@ -48,9 +57,6 @@ def inactive_reason(optimizer):
     """Why the switch leaves this optimizer as stock, or None where it acts."""
     if not optimizer.offload_optimizer:
         return "no offload_optimizer: the flat buffer is the optimizer's gradients"
-    if optimizer.gradient_accumulation_steps != 1:
-        return (f"gradient_accumulation_steps {optimizer.gradient_accumulation_steps}: the gradients are summed "
-                f"between micro-batches")
     return None
 
 
@@ -63,6 +69,7 @@ class BoundedGradStaging:
         self.streamed = streamed  # memascend.optimizer_staging=bounded cuts gradients where its slices start
         self.overflow = False  # fp16: an inf or nan among the gradients staged since the last check
         self.store, self.cursor = None, 0  # the kept pieces of swapped gradients (_keep_unswapped)
+        self.slots = {}  # (sub-group, offset): its kept piece's place in the store, this step
 
     def setup_for_real_optimizer(self):
         """stage3 `_setup_for_real_optimizer`, without the gradient flat buffer."""
@@ -100,24 +107,33 @@ class BoundedGradStaging:
                    for i in range(len(opt.fp16_groups)) if opt._swappable_optimizer_subgroup(i))
 
     def partition_grads(self, params, grad_partitions):
-        """stage3 `partition_grads` at the accumulation boundary, partitions used where they are."""
+        """stage3 `partition_grads` without the flat buffer: each partition, summed with what earlier
+        micro-batches of the step left where the step reads it, goes there again (at the boundary
+        through stock's own `_offload_grad_partition_at_boundary`, which also takes its norm)."""
         from deepspeed.accelerator import get_accelerator
 
         opt = self.optimizer
-        if opt.micro_step_id != 0 or not opt.is_gradient_accumulation_boundary():  # inactive_reason's to prevent
-            raise RunError("memascend.grad_staging=bounded: a gradient arrived between micro-batches")
+        boundary = opt.is_gradient_accumulation_boundary()
         gradients, offsets, staged = {}, {}, []
-        check_overflow = opt.dtype == torch.float16
+        check_overflow = boundary and opt.dtype == torch.float16
         for param, grad_partition in zip(params, grad_partitions):
             if param.partition_numel() * opt._get_param_partition_rank(param) >= param.ds_numel:
                 param.grad = None  # this rank's partition of it is padding only
                 continue
+            # stock sums from its second micro-batch on; a parameter that had no gradient yet this
+            # step has nothing stored to add to (stock would add last step's)
+            accumulate = opt.micro_step_id > 0 and param.ds_id in opt._offload_boundary_param_ids
             opt._offload_boundary_param_ids.add(param.ds_id)
-            # the values stock's flat buffer would hold (a copy in the accumulation dtype)
+            # the values stock's flat buffer would hold (a copy in the accumulation dtype, or its sum)
             grad = grad_partition.to(opt.gradient_accumulation_dtype).view(-1)
+            if accumulate:
+                grad = self.stored(param, grad.numel()).to(opt.gradient_accumulation_dtype).add_(grad)
             if check_overflow and not self.overflow:
                 self.overflow = has_inf_or_nan(grad)
-            opt._offload_grad_partition_at_boundary(param, grad, gradients, offsets)
+            if boundary:
+                opt._offload_grad_partition_at_boundary(param, grad, gradients, offsets)
+            else:
+                self._store(param, grad, gradients, offsets)
             staged.append(grad)
             if not get_accelerator().is_synchronized_device() and param.grad is not None:
                 param.grad.record_stream(get_accelerator().current_stream())
@@ -125,6 +141,48 @@ class BoundedGradStaging:
         opt._swap_out_offload_fp32_gradients(gradients, offsets)
         self._keep_unswapped(gradients)
         return staged
+
+    def _store(self, param, grad, gradients, offsets):
+        """Between micro-batches: `_offload_grad_partition_at_boundary` without the norm (the
+        boundary takes it of the whole sum)."""
+        opt = self.optimizer
+        i, dest_offset, _ = opt.grad_position[opt.get_param_id(param)]
+        master = grad.to(dtype=opt.master_weights_and_grads_dtype)
+        if opt._swappable_optimizer_subgroup(i):
+            gradients.setdefault(i, []).append(master)
+            offsets.setdefault(i, []).append(dest_offset)
+        else:
+            opt.fp32_partitioned_groups_flat[i].grad.narrow(0, dest_offset, grad.numel()).copy_(master)
+
+    def stored(self, param, numel):
+        """The gradient of `param` the step's earlier micro-batches left: a view of its sub-group's
+        fp32 gradient (optimizer state in RAM), or read from the gradient files and kept pieces
+        of a swapped sub-group, each file through the start of one pool buffer (O_DIRECT)."""
+        opt = self.optimizer
+        i, dest, _ = opt.grad_position[opt.get_param_id(param)]
+        if not opt._swappable_optimizer_subgroup(i):
+            return opt.fp32_partitioned_groups_flat[i].grad.narrow(0, dest, numel)
+        swapper = opt.optimizer_swapper
+        info = swapper._get_param_swap_info(opt.fp32_partitioned_groups_flat[i])
+        out = torch.empty(numel, dtype=swapper.dtype)
+        end = dest + numel
+        pieces = [piece for piece in info.swapped_gradients.values() if dest <= piece.offset < end]
+        if pieces:
+            swapper._flush_gradient_swapper(swapper.gradient_swapper)  # its writes done, its buffers free
+            longest = swapper._io_aligned_numel(max(piece.length for piece in pieces))
+            (buffer,) = swapper.swap_buffer_manager.allocate(num_elems=longest, count=1, dtype=swapper.dtype)
+            io = StreamIO(getattr(swapper, "read_aio_handle", None) or swapper.aio_handle, self.probes)
+            try:
+                for piece in pieces:
+                    io.read(buffer.narrow(0, 0, swapper._io_aligned_numel(piece.length)), piece.path, 0)
+                    io.wait()
+                    out.narrow(0, piece.offset - dest, piece.length).copy_(buffer.narrow(0, 0, piece.length))
+            finally:
+                swapper.swap_buffer_manager.free([buffer])
+        for offset, fragment in info.unswapped_gradients.items():
+            if dest <= offset < end:
+                out.narrow(0, offset - dest, fragment.numel()).copy_(fragment.view(-1))
+        return out
 
     def _keep_unswapped(self, gradients):
         """Copy the gradient pieces the swapper kept in RAM (views of this bucket) into the kept store."""
@@ -138,17 +196,21 @@ class BoundedGradStaging:
                 kept += [(info, offset) for offset, tensor in info.unswapped_gradients.items() if not _owned(tensor)]
         if not kept:
             return
-        total = sum(info.unswapped_gradients[offset].numel() for info, offset in kept)
+        total = sum(info.unswapped_gradients[offset].numel() for info, offset in kept
+                    if (info.param_id, offset) not in self.slots)
         dtype = kept[0][0].unswapped_gradients[kept[0][1]].dtype
         if self.store is None or self.cursor + total > self.store.numel():
             # more than the geometry said (a shape the rule does not know): correct, one more store
             self.store, self.cursor = self._allocate(total, dtype), 0
         for info, offset in kept:
             piece = info.unswapped_gradients[offset]
-            copy = self.store.narrow(0, self.cursor, piece.numel())
+            copy = self.slots.get((info.param_id, offset))  # a later micro-batch's sum: the same place
+            if copy is None or copy.numel() != piece.numel():
+                copy = self.store.narrow(0, self.cursor, piece.numel())
+                self.cursor += piece.numel()
+                self.slots[(info.param_id, offset)] = copy
             copy.copy_(piece.view(-1))
             info.unswapped_gradients[offset] = copy.view(piece.shape)
-            self.cursor += piece.numel()
 
     def step_ended(self):
         """The step has read (and the swapper released) every kept piece: the next backward
@@ -157,6 +219,7 @@ class BoundedGradStaging:
         freed chunks at the heap's top, which glibc then cannot trim (measured on a tied Qwen2:
         +12 MiB of free heap at the peak)."""
         self.cursor = 0
+        self.slots = {}
 
     def _allocate(self, numel, dtype):
         store = torch.empty(numel, dtype=dtype)
